@@ -1,0 +1,74 @@
+"""The attention backend interface the models call for every layer.
+
+A model computes q, k, v for the packed tokens of a step (after RoPE) and hands them to
+the backend together with the step's `ForwardContext`. The backend owns the KV cache:
+it stores the new k, v in each sequence's cache and returns the attention output.
+Models never look inside a cache, so the full and the tiered (RetrievalAttention)
+backends are interchangeable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from engine.forward_context import ForwardContext
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Geometry of a model's KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+
+class AttentionBackend(ABC):
+    """Stores KV and computes causal attention for packed, ragged batches."""
+
+    def __init__(self, shape: CacheShape) -> None:
+        self.shape = shape
+
+    @abstractmethod
+    def new_cache(self) -> object:
+        """A fresh, empty per-sequence cache handle."""
+
+    @abstractmethod
+    def free(self, cache: object) -> None:
+        """Release every byte the cache holds."""
+
+    @abstractmethod
+    def cache_len(self, cache: object) -> int:
+        """Number of tokens stored in the cache."""
+
+    @abstractmethod
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: ForwardContext,
+        scale: float,
+    ) -> torch.Tensor:
+        """Append k, v to each sequence's cache and attend.
+
+        q: [T, Hq, D]; k, v: [T, Hkv, D] for the packed new tokens of the step.
+        Returns [T, Hq, D]. Token i of a sequence attends to every cached token of that
+        sequence and to new tokens up to and including itself. The layer's last call in
+        a step is layer == num_layers - 1; caches count their tokens after it.
+        """
+
+    def device_tokens_for(self, total_len: int, num_new: int) -> int:
+        """Device-tier tokens a sequence of `total_len` tokens occupies during a step that
+        adds `num_new` of them. The full backend keeps everything on the device."""
+        return total_len
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes and tokens held, by tier. Backends override to report more."""
+        return {}

@@ -1,0 +1,179 @@
+"""The FastAPI application: OpenAI-compatible endpoints over the async engine."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.model_files import DEFAULT_MODEL_NAME, ModelLoadError
+from server import __version__, completions
+from server.errors import APIError, error_body, error_response, install_error_handlers
+from server.metrics import Metrics
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_waiting_requests: int = 256
+
+
+class ServerState:
+    """What the handlers share: the engine once loaded, or why it failed."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine: AsyncEngine | None = None
+        self.load_error: str | None = None
+        self.model_name = config.served_model_name or config.engine.model or DEFAULT_MODEL_NAME
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.on_load_failure: Callable[[], None] | None = None
+
+    def load(self) -> None:
+        try:
+            engine = LLMEngine.from_config(self.config.engine)
+        except (ModelLoadError, ValueError) as exc:
+            self._failed(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - reported as one line, not a traceback
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return
+        if self.config.served_model_name is None:
+            self.model_name = engine.model_name
+        self.metrics.bind(engine)
+        self.engine = AsyncEngine(engine)
+        logger.info("Ready: serving %s", self.model_name)
+
+    def _failed(self, reason: str) -> None:
+        self.load_error = reason
+        logger.error("Model load failed: %s", reason)
+        if self.on_load_failure is not None:
+            self.on_load_failure()
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            reason = self.load_error or "the model is still loading"
+            raise APIError(503, f"server not ready: {reason}")
+        return self.engine
+
+    def check_model(self, requested: str | None) -> None:
+        if requested not in (None, "", self.model_name):
+            raise APIError(
+                404,
+                f"model {requested!r} does not exist; served: {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
+
+    def check_capacity(self) -> None:
+        engine = self.ready_engine()
+        if engine.engine.num_waiting >= self.config.max_waiting_requests:
+            raise APIError(429, "too many requests waiting; retry later")
+
+
+def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
+    """Build the app; the model loads in a background thread so /health answers 503 first."""
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        loader = threading.Thread(target=state.load, name="longserve-load", daemon=True)
+        loader.start()
+        if not load_in_background:
+            loader.join()
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="longserve", version=__version__, lifespan=lifespan)
+    app.state.longserve = state
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        key = config.api_key
+        if key and request.url.path not in ("/health", "/metrics", "/version"):
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return JSONResponse(
+                    error_body(401, "invalid or missing API key", None, "invalid_api_key"), 401
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is not None and state.engine.alive:
+            return JSONResponse({"status": "ok"})
+        reason = state.load_error or "loading"
+        return JSONResponse({"status": reason}, status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "longserve",
+                    "root": state.model_name,
+                    "parent": None,
+                    "max_model_len": state.engine.engine.max_model_len if state.engine else None,
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        try:
+            return await completions.completion(state, body, request)
+        except APIError as exc:
+            return error_response(exc)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        try:
+            return await completions.chat_completion(state, body, request)
+        except APIError as exc:
+            return error_response(exc)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return await completions.tokenize(state, body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        return await completions.detokenize(state, body)
+
+    return app

@@ -120,13 +120,13 @@ class LLMEngine:
         model_dir = resolve_model_dir(config.model)
         try:
             model_config = ModelConfig.from_dir(model_dir)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a malformed config fails in many ways
             raise ModelLoadError(f"cannot read model config in {model_dir}: {exc}") from exc
         tokenizer = load_tokenizer(model_dir)
         model = build_model(model_config, dtype=_DTYPES[config.dtype], device=config.device)
         try:
             model.load_hf_state_dict(load_safetensors_dir(model_dir))
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # truncated or mismatched files fail in many ways
             raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
         model.eval()
         logger.info(

@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     server.run()
     error = app.state.longserve.load_error
     if error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(error.split()), file=sys.stderr)
         return 1
     return 0
 
@@ -160,14 +160,14 @@ def _generate(args: argparse.Namespace, chat: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "info").upper()
+    level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             return _serve(args)
         return _generate(args, chat=args.command == "chat")
     except (ModelLoadError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1
 
 

@@ -1,0 +1,117 @@
+"""Prefill and decode speed: longserve's engine vs transformers' `generate`, same weights.
+
+Measured in one run on this machine, so the ratios are meaningful even when absolute
+timings are noisy. Usage:
+
+    .venv/bin/python benchmarks/decode_speed.py [--contexts 512 2048] [--decode-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (length,), generator=gen).tolist()
+
+
+def ours_single(engine: LLMEngine, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per token) for one sequence."""
+    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
+    engine.add_request("bench", prompt, params)
+    start = time.perf_counter()
+    first = None
+    while engine.has_unfinished():
+        if engine.step() and first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, (end - first) / decode_tokens
+
+
+def ours_batched(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) -> float:
+    """Decode tokens/s of all sequences together, once every prompt is prefilled."""
+    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"batch-{i}", p, params)
+    started = 0
+    while started < len(prompts):  # prefill everything (first token of each)
+        started += len(engine.step())
+    start, produced = time.perf_counter(), 0
+    while engine.has_unfinished():
+        produced += len(engine.step())
+    return produced / (time.perf_counter() - start)
+
+
+def hf_single(model, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
+    ids = torch.tensor([prompt])
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    n = decode_tokens + 1
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+    total = time.perf_counter() - start
+    return prefill, (total - prefill) / decode_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    engine = LLMEngine.from_config(EngineConfig(max_num_batched_tokens=2048))
+    from transformers import AutoModelForCausalLM
+
+    from engine.model_files import default_model_dir
+
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    vocab = engine.model_config.vocab_size
+    ours_single(engine, random_prompt(64, vocab, 0), 8)  # warm-up
+    hf_single(hf, random_prompt(64, vocab, 0), 8)
+
+    rows = []
+    with torch.inference_mode():
+        for ctx in tqdm(args.contexts, desc="contexts"):
+            prompt = random_prompt(ctx, vocab, ctx)
+            ours = [ours_single(engine, prompt, args.decode_tokens) for _ in range(args.repeats)]
+            theirs = [hf_single(hf, prompt, args.decode_tokens) for _ in range(args.repeats)]
+            o_pre = statistics.median(x[0] for x in ours)
+            o_dec = statistics.median(x[1] for x in ours)
+            t_pre = statistics.median(x[0] for x in theirs)
+            t_dec = statistics.median(x[1] for x in theirs)
+            rows.append((ctx, ctx / o_pre, ctx / t_pre, o_dec * 1e3, t_dec * 1e3))
+        batch_prompts = [random_prompt(512, vocab, 100 + i) for i in range(args.batch)]
+        single = ours_single(engine, batch_prompts[0], args.decode_tokens)[1]
+        batched = ours_batched(engine, batch_prompts, args.decode_tokens)
+
+    print(f"\ntorch threads: {torch.get_num_threads()}, dtype float32, batch 1 unless noted\n")
+    print(
+        "| context | prefill tok/s ours | prefill tok/s HF | decode ms/tok ours "
+        "| decode ms/tok HF | decode speed-up (HF/ours) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for ctx, op, tp, od, td in rows:
+        print(f"| {ctx} | {op:.0f} | {tp:.0f} | {od:.1f} | {td:.1f} | {td / od:.2f}x |")
+    print(
+        f"\nbatched decode, {args.batch} sequences at 512 context: {batched:.1f} tok/s vs "
+        f"single stream {1 / single:.1f} tok/s = {batched * single:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The `retrieval` and `streaming` attention backends over a tiered KV cache.
+
+Prefill (a chunk of several tokens) is exact: the chunk's queries attend to the host
+tier, the device tier and, causally, to the chunk itself; the host and device parts are
+computed separately and merged by log-sum-exp. Decode (one token) in retrieval mode
+attends exactly to the device tier (sinks + window + the new token) and to the top-k host
+keys the retriever finds for each query head, merging the two. Streaming mode keeps no
+host tier: every query sees the sinks and its W preceding tokens (StreamingLLM).
+
+A slice with one new token is a decode: the backend cannot tell a one-token prefill chunk
+from a decode step. Prefill chunks of sequences that outgrow the device tier also keep a
+strided sample of their queries (`TieredCache.query_samples`) for the attention-aware
+index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention_backend import AttentionBackend, CacheShape
+from engine.forward_context import ForwardContext, SequenceSlice
+from engine.tiered_cache import RetrieverFactory, TierConfig, TieredCache
+from kernels import (
+    attention_over_rows,
+    batched_partial_attention,
+    gather_rows,
+    merge_partials,
+    partial_attention,
+)
+
+MODES = ("retrieval", "streaming")
+_COUNTERS = ("queries", "scanned", "candidates")
+
+
+class TieredAttentionBackend(AttentionBackend):
+    """RetrievalAttention (mode="retrieval") or StreamingLLM (mode="streaming")."""
+
+    def __init__(
+        self,
+        shape: CacheShape,
+        mode: str = "retrieval",
+        sink_tokens: int = 128,
+        window_tokens: int = 512,
+        top_k: int = 100,
+        retriever_factory: RetrieverFactory | None = None,
+        query_sample_size: int = 1024,
+    ) -> None:
+        super().__init__(shape)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        retrieval = mode == "retrieval"
+        self.mode = mode
+        self.top_k = top_k
+        self.config = TierConfig(
+            sink_tokens=sink_tokens,
+            window_tokens=window_tokens,
+            keep_host=retrieval,
+            query_sample_size=query_sample_size if retrieval else 0,
+        )
+        self.retriever_factory = retriever_factory
+        self._live: dict[int, TieredCache] = {}
+        self._retired = dict.fromkeys(_COUNTERS, 0)
+
+    # -- cache lifecycle ------------------------------------------------------------------
+
+    def new_cache(self) -> TieredCache:
+        cache = TieredCache(self.shape, self.config, self.retriever_factory)
+        self._live[id(cache)] = cache
+        return cache
+
+    def free(self, cache: TieredCache) -> None:
+        if cache.retriever is not None:
+            for name in _COUNTERS:
+                self._retired[name] += getattr(cache.retriever, name)
+        cache.release()
+        self._live.pop(id(cache), None)
+
+    def cache_len(self, cache: TieredCache) -> int:
+        return cache.length
+
+    def device_tokens_for(self, total_len: int, num_new: int) -> int:
+        return min(total_len - num_new, self.config.device_capacity) + num_new
+
+    # -- attention --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: ForwardContext,
+        scale: float,
+    ) -> torch.Tensor:
+        if layer == 0:
+            for s in ctx.slices:
+                if s.num_cached != s.cache.length:
+                    raise ValueError(
+                        f"slice says {s.num_cached} cached tokens, cache holds {s.cache.length}"
+                    )
+                s.cache.reserve(s.total_len)
+        out = torch.empty_like(q)
+        for s in ctx.slices:
+            if s.num_new > 1:
+                out[s.start : s.end] = self._prefill(layer, s, q, k, v, scale)
+        decodes = [s for s in ctx.slices if s.num_new == 1]
+        if decodes:
+            self._decode(layer, decodes, q, k, v, scale, out)
+        if layer == self.shape.num_layers - 1:
+            for s in ctx.slices:
+                s.cache.length = s.total_len
+        return out
+
+    def _prefill(
+        self,
+        layer: int,
+        s: SequenceSlice,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        cache: TieredCache = s.cache
+        n0, m = s.num_cached, s.num_new
+        qs = q[s.start : s.end]
+        ks, vs = k[s.start : s.end].transpose(0, 1), v[s.start : s.end].transpose(0, 1)
+        dk, dv, dpos = cache.device_in_order(layer, n0)
+        keys, values = torch.cat([dk, ks], 1), torch.cat([dv, vs], 1)
+        if self.config.keep_host:
+            out, lse = partial_attention(qs, keys, values, scale, causal_offset=dk.shape[1])
+            if cache.host_len[layer]:
+                hk = cache.host_keys(layer).to(q.device, non_blocking=True)
+                hv = cache.host_values(layer).to(q.device, non_blocking=True)
+                out, lse = merge_partials(out, lse, *partial_attention(qs, hk, hv, scale))
+            if s.total_len > self.config.device_capacity:
+                # Only sequences that will have a host tier need an index, hence queries.
+                cache.samplers[layer].add(qs, n0)
+        else:
+            out, _ = partial_attention(
+                qs, keys, values, scale, mask=self._streaming_mask(dpos, n0, m)
+            )
+        cache.append(layer, ks, vs, n0)
+        return out.to(q.dtype)
+
+    def _streaming_mask(self, dpos: torch.Tensor, n0: int, m: int) -> torch.Tensor:
+        """Query p sees the sinks and positions p - W .. p."""
+        qpos = torch.arange(n0, n0 + m, device=dpos.device).unsqueeze(1)
+        kpos = torch.cat([dpos, qpos.squeeze(1)]).unsqueeze(0)
+        recent = kpos >= qpos - self.config.window_tokens
+        return (kpos <= qpos) & ((kpos < self.config.sink_tokens) | recent)
+
+    def _decode(
+        self,
+        layer: int,
+        slices: list[SequenceSlice],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """One new token for each of `slices`, batched across sequences."""
+        rows = torch.tensor([s.start for s in slices], device=q.device)
+        qd, kd, vd = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
+        lens = [s.cache.device_len(s.num_cached) for s in slices]
+        width = max(lens) + 1  # the device tiers, padded, then the new token
+        ragged = min(lens) != max(lens)
+        alloc = torch.zeros if ragged else torch.empty  # padding must not hold NaN
+        bsz, hkv, d = kd.shape
+        kb = alloc(bsz, hkv, width, d, dtype=self.shape.dtype, device=q.device)
+        vb = alloc(bsz, hkv, width, d, dtype=self.shape.dtype, device=q.device)
+        for i, (s, n) in enumerate(zip(slices, lens, strict=True)):
+            if n:
+                kb[i, :, :n] = s.cache.dev_k[layer][:, :n]
+                vb[i, :, :n] = s.cache.dev_v[layer][:, :n]
+        kb[:, :, -1] = kd
+        vb[:, :, -1] = vd
+        key_mask = None
+        if ragged:
+            filled = torch.tensor(lens, device=q.device).unsqueeze(1)
+            key_mask = torch.arange(width, device=q.device).unsqueeze(0) < filled
+            key_mask[:, -1] = True
+        o, lse = batched_partial_attention(qd, kb, vb, scale, key_mask)
+
+        if self.config.keep_host:
+            hosted = [i for i, s in enumerate(slices) if s.cache.host_len[layer]]
+            if hosted:
+                pick = torch.tensor(hosted, device=q.device)
+                o2, lse2 = self._host_attention(layer, [slices[i] for i in hosted], qd[pick], scale)
+                o_m, lse_m = merge_partials(o[pick], lse[pick], o2.to(q.device), lse2.to(q.device))
+                o[pick] = o_m
+
+        for i, s in enumerate(slices):
+            s.cache.append(layer, kd[i].unsqueeze(1), vd[i].unsqueeze(1), s.num_cached)
+        out.index_copy_(0, rows, o.to(out.dtype))
+
+    def _host_attention(
+        self, layer: int, slices: list[SequenceSlice], q: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q [B, Hq, D] over each sequence's retrieved host keys, on the CPU."""
+        qc = q.to("cpu")
+        hq = qc.shape[1]
+        gathered = []
+        for j, s in enumerate(slices):
+            idx = s.cache.retriever.search(layer, qc[j], self.top_k)
+            gathered.append(
+                gather_rows(s.cache.host_keys(layer), s.cache.host_values(layer), idx, hq)
+            )
+        if len(gathered) == 1:
+            k_rows, v_rows, valid = (t.unsqueeze(0) for t in gathered[0])
+            return attention_over_rows(qc, k_rows, v_rows, scale, valid)
+        width = max(g[0].shape[1] for g in gathered)
+        bsz, d = len(gathered), qc.shape[2]
+        k_rows = torch.zeros(bsz, hq, width, d, dtype=self.shape.dtype)
+        v_rows = torch.zeros(bsz, hq, width, d, dtype=self.shape.dtype)
+        valid = torch.zeros(bsz, hq, width, dtype=torch.bool)
+        for j, (kr, vr, ok) in enumerate(gathered):
+            n = kr.shape[1]
+            k_rows[j, :, :n], v_rows[j, :, :n], valid[j, :, :n] = kr, vr, ok
+        return attention_over_rows(qc, k_rows, v_rows, scale, valid)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def memory_stats(self) -> dict[str, int]:
+        caches = list(self._live.values())
+        return {
+            "device_bytes": sum(c.device_bytes() for c in caches),
+            "host_bytes": sum(c.host_bytes() for c in caches),
+            "device_tokens": sum(c.device_tokens() for c in caches),
+            "host_tokens": sum(c.host_tokens() for c in caches),
+        }
+
+    def retrieval_stats(self) -> dict[str, int]:
+        """Retriever counters (queries, scanned, candidates) over all caches ever made."""
+        totals = dict(self._retired)
+        for cache in self._live.values():
+            if cache.retriever is not None:
+                for name in _COUNTERS:
+                    totals[name] += getattr(cache.retriever, name)
+        return totals

@@ -1,0 +1,209 @@
+"""Partial attention kernels against float64 references, and the log-sum-exp merge."""
+
+import importlib
+
+import pytest
+import torch
+
+from kernels import (
+    attention_over_rows,
+    batched_partial_attention,
+    gather_rows,
+    gathered_partial_attention,
+    merge_partials,
+    partial_attention,
+)
+from kernels.reference import (
+    batched_partial_attention_ref,
+    gathered_partial_attention_ref,
+    partial_attention_ref,
+)
+
+HQ, HKV, D = 6, 2, 16
+SCALE = D**-0.5
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def full_softmax(q, k, v, scale):
+    """Plain softmax attention of q [Hq, D] over k, v [Hkv, L, D] (float64)."""
+    g = q.shape[0] // k.shape[0]
+    kk = k.double().repeat_interleave(g, 0)
+    vv = v.double().repeat_interleave(g, 0)
+    scores = scale * torch.einsum("hd,hld->hl", q.double(), kk)
+    return torch.einsum("hl,hld->hd", torch.softmax(scores, -1), vv), torch.logsumexp(scores, -1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("causal_offset", [None, 0, 7])
+def test_partial_attention_matches_reference(fused, causal_offset):
+    t, length = 5, 12
+    q, k, v = rand(t, HQ, D, seed=1), rand(HKV, length, D, seed=2), rand(HKV, length, D, seed=3)
+    out, lse = partial_attention(q, k, v, SCALE, causal_offset=causal_offset, fused=fused)
+    ref_out, ref_lse = partial_attention_ref(q, k, v, SCALE, causal_offset=causal_offset)
+    assert out.dtype == torch.float32 and out.shape == (t, HQ, D) and lse.shape == (t, HQ)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_partial_attention_mask_and_blind_queries(fused):
+    t, length = 4, 9
+    q, k, v = rand(t, HQ, D, seed=4), rand(HKV, length, D, seed=5), rand(HKV, length, D, seed=6)
+    mask = rand(t, length, seed=7) > 0
+    mask[2] = False  # this query sees nothing
+    out, lse = partial_attention(q, k, v, SCALE, causal_offset=5, mask=mask, fused=fused)
+    ref_out, ref_lse = partial_attention_ref(q, k, v, SCALE, causal_offset=5, mask=mask)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+    assert torch.all(lse[2] == float("-inf")) and torch.all(out[2] == 0)
+
+
+def test_partial_attention_key_blocks_merge_exactly(monkeypatch):
+    # Force several key blocks in the unfused path.
+    # (The package re-exports the function under the module's name, hence import_module.)
+    monkeypatch.setattr(importlib.import_module("kernels.partial_attention"), "_SCORE_BUDGET", 1)
+    t, length = 3, 700
+    q, k, v = rand(t, HQ, D, seed=8), rand(HKV, length, D, seed=9), rand(HKV, length, D, seed=10)
+    out, lse = partial_attention(q, k, v, SCALE, causal_offset=length - t, fused=False)
+    ref_out, ref_lse = partial_attention_ref(q, k, v, SCALE, causal_offset=length - t)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+
+
+def test_partial_attention_bfloat16_inputs_give_float32():
+    q, k, v = rand(2, HQ, D, seed=11), rand(HKV, 8, D, seed=12), rand(HKV, 8, D, seed=13)
+    out, lse = partial_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), SCALE)
+    ref_out, ref_lse = partial_attention_ref(q.bfloat16(), k.bfloat16(), v.bfloat16(), SCALE)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+
+
+def test_partial_attention_empty_block():
+    q = rand(3, HQ, D)
+    out, lse = partial_attention(q, torch.empty(HKV, 0, D), torch.empty(HKV, 0, D), SCALE)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+def test_partial_attention_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        partial_attention(rand(1, 5, D), rand(2, 4, D), rand(2, 4, D), SCALE)
+    with pytest.raises(ValueError, match="expected q"):
+        partial_attention(rand(5, D), rand(2, 4, D), rand(2, 4, D), SCALE)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        partial_attention(rand(1, HQ, D), rand(HKV, 4, D), rand(HKV, 4, D), SCALE, mask=rand(1, 4))
+
+
+def test_batched_partial_attention_matches_reference():
+    b, length = 4, 10
+    q, k, v = rand(b, HQ, D, seed=14), rand(b, HKV, length, D, seed=15), rand(b, HKV, length, D)
+    key_mask = torch.arange(length).unsqueeze(0) < torch.tensor([[10], [3], [0], [7]])
+    out, lse = batched_partial_attention(q, k, v, SCALE, key_mask)
+    ref_out, ref_lse = batched_partial_attention_ref(q, k, v, SCALE, key_mask)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+    assert torch.all(lse[2] == float("-inf"))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_gathered_partial_attention_matches_reference(batched):
+    n, top = 30, 7
+    k_store, v_store = rand(HKV, n, D, seed=16), rand(HKV, n, D, seed=17)
+    shape = (3, HQ) if batched else (HQ,)
+    q = rand(*shape, D, seed=18)
+    idx = torch.randint(0, n, (*shape, top), generator=torch.Generator().manual_seed(19))
+    idx[..., -2:] = -1  # padding
+    out, lse = gathered_partial_attention(q, k_store, v_store, idx, SCALE)
+    ref_out, ref_lse = gathered_partial_attention_ref(q, k_store, v_store, idx, SCALE)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+
+
+def test_gathered_padding_is_ignored_and_all_padding_is_empty():
+    n = 20
+    k_store, v_store = rand(HKV, n, D, seed=20), rand(HKV, n, D, seed=21)
+    q = rand(HQ, D, seed=22)
+    idx = torch.arange(5).repeat(HQ, 1)
+    padded = torch.cat([idx, torch.full((HQ, 4), -1)], dim=1)
+    o1, l1 = gathered_partial_attention(q, k_store, v_store, idx, SCALE)
+    o2, l2 = gathered_partial_attention(q, k_store, v_store, padded, SCALE)
+    torch.testing.assert_close(o1, o2, **TOL)
+    torch.testing.assert_close(l1, l2, **TOL)
+    o3, l3 = gathered_partial_attention(q, k_store, v_store, torch.full((HQ, 3), -1), SCALE)
+    assert torch.all(o3 == 0) and torch.all(l3 == float("-inf"))
+
+
+def test_gathered_rejects_out_of_range_rows():
+    k_store = rand(HKV, 4, D)
+    with pytest.raises(ValueError, match="out of range"):
+        gathered_partial_attention(rand(HQ, D), k_store, k_store, torch.full((HQ, 2), 4), SCALE)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "prefix_of_buffer", "strided"])
+def test_gather_rows_reads_each_heads_kv_group(layout):
+    buf = torch.arange(HKV * 8 * D, dtype=torch.float32).view(HKV, 8, D)
+    if layout == "contiguous":
+        k_store = buf[:, :5].contiguous()
+    elif layout == "prefix_of_buffer":
+        k_store = buf[:, :5]
+    else:
+        k_store = buf.transpose(1, 2).contiguous().transpose(1, 2)[:, :5]  # D not innermost
+    idx = torch.tensor([[0], [1], [2], [3], [4], [0]])
+    k_rows, _, valid = gather_rows(k_store, k_store, idx, HQ)
+    g = HQ // HKV
+    for h in range(HQ):
+        assert torch.equal(k_rows[h, 0], k_store[h // g, idx[h, 0]])
+    assert valid.all()
+
+
+def test_merge_of_two_parts_equals_softmax_over_union():
+    length = 40
+    q = rand(HQ, D, seed=23)
+    k, v = rand(HKV, length, D, seed=24), rand(HKV, length, D, seed=25)
+    perm = torch.randperm(length, generator=torch.Generator().manual_seed(26))
+    a, b = perm[:13], perm[13:]
+    o1, l1 = partial_attention(q.unsqueeze(0), k[:, a], v[:, a], SCALE)
+    # The second part through the gathered path: same rows for every head of a group.
+    idx = b.repeat(HQ, 1)
+    o2, l2 = gathered_partial_attention(q, k, v, idx, SCALE)
+    out, lse = merge_partials(o1[0], l1[0], o2, l2)
+    ref_out, ref_lse = full_softmax(q, k, v, SCALE)
+    torch.testing.assert_close(out, ref_out.float(), **TOL)
+    torch.testing.assert_close(lse, ref_lse.float(), **TOL)
+
+
+def test_merge_with_empty_parts():
+    o = rand(3, HQ, D, seed=27)
+    lse = rand(3, HQ, seed=28)
+    empty_o, empty_lse = torch.zeros_like(o), torch.full_like(lse, float("-inf"))
+    out, out_lse = merge_partials(o, lse, empty_o, empty_lse)
+    torch.testing.assert_close(out, o)
+    torch.testing.assert_close(out_lse, lse)
+    out, out_lse = merge_partials(empty_o, empty_lse, o, lse)
+    torch.testing.assert_close(out, o)
+    out, out_lse = merge_partials(empty_o, empty_lse, empty_o, empty_lse)
+    assert torch.all(out == 0) and torch.all(out_lse == float("-inf"))
+    assert not torch.isnan(out).any()
+
+
+def test_merge_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="do not match"):
+        merge_partials(rand(2, D), rand(2), rand(3, D), rand(3))
+
+
+def test_attention_over_rows_with_equal_rows_matches_block_attention():
+    length = 11
+    q = rand(2, HQ, D, seed=29)
+    k, v = rand(2, HKV, length, D, seed=30), rand(2, HKV, length, D, seed=31)
+    g = HQ // HKV
+    k_rows = k.repeat_interleave(g, 1)  # [2, Hq, L, D]
+    v_rows = v.repeat_interleave(g, 1)
+    out, lse = attention_over_rows(q, k_rows, v_rows, SCALE)
+    ref_out, ref_lse = batched_partial_attention(q, k, v, SCALE)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)

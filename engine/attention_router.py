@@ -6,9 +6,9 @@ sees a single backend, this router, which splits the step by mode.
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Callable
+
+import torch
 
 from engine.attention_backend import AttentionBackend, CacheShape
 from engine.forward_context import ForwardContext, SequenceSlice
@@ -91,7 +91,7 @@ class AttentionRouter(AttentionBackend):
         return out
 
     def memory_stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+        total = dict.fromkeys(("device_bytes", "device_tokens", "host_bytes", "host_tokens"), 0)
         for backend in list(self.backends.values()):
             for key, value in backend.memory_stats().items():
                 total[key] = total.get(key, 0) + value

@@ -1,0 +1,178 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU.
+
+q/k/v and gate/up projections are concatenated at load time, so a layer runs four matmuls
+where transformers runs seven.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.forward_context import ForwardContext
+from engine.model_config import ModelConfig
+from engine.models import ACTIVATIONS, CausalLM, copy_param, empty_param, take_weights
+from engine.models.rope import RotaryEmbedding, apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+def _residual_linear(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x + linear(h): one addmm when there is no bias."""
+    if bias is None:
+        return torch.addmm(x, h, weight.t())
+    return x + F.linear(h, weight, bias)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-norm block: attention through the backend, then the gated MLP."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.intermediate_size = c.intermediate_size
+        self.eps = c.norm_eps
+        self.scale = c.head_dim**-0.5
+        self.act = ACTIVATIONS[c.hidden_act]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        kw = {"dtype": dtype, "device": device}
+        self.input_norm = empty_param(c.hidden_size, **kw)
+        self.qkv_weight = empty_param(q_size + 2 * kv_size, c.hidden_size, **kw)
+        self.qkv_bias = empty_param(q_size + 2 * kv_size, **kw) if c.qkv_bias else None
+        self.o_weight = empty_param(c.hidden_size, q_size, **kw)
+        self.o_bias = empty_param(c.hidden_size, **kw) if c.o_bias else None
+        self.post_norm = empty_param(c.hidden_size, **kw)
+        self.gate_up_weight = empty_param(2 * c.intermediate_size, c.hidden_size, **kw)
+        self.gate_up_bias = empty_param(2 * c.intermediate_size, **kw) if c.mlp_bias else None
+        self.down_weight = empty_param(c.hidden_size, c.intermediate_size, **kw)
+        self.down_bias = empty_param(c.hidden_size, **kw) if c.mlp_bias else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        hq, hkv = self.num_heads, self.num_kv_heads
+        h = rms_norm(x, self.input_norm, self.eps)
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(t, hq + 2 * hkv, self.head_dim)
+        # q and k heads are adjacent, so one rotation covers both.
+        qk = apply_rotary(qkv[:, : hq + hkv], cos, sin)
+        out = ctx.backend.forward(
+            self.layer_idx, qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :], ctx, self.scale
+        )
+        for hook in ctx.head_output_hooks:
+            out = hook(self.layer_idx, out)
+        x = _residual_linear(x, out.reshape(t, hq * self.head_dim), self.o_weight, self.o_bias)
+
+        h = rms_norm(x, self.post_norm, self.eps)
+        gate_up = F.linear(h, self.gate_up_weight, self.gate_up_bias)
+        n = self.intermediate_size
+        act = self.act(gate_up[:, :n]) * gate_up[:, n:]
+        for hook in ctx.mlp_act_hooks:
+            act = hook(self.layer_idx, act)
+        return _residual_linear(x, act, self.down_weight, self.down_bias)
+
+    def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
+        """Fill the layer from HF-named tensors `{prefix}self_attn.q_proj.weight`, ..."""
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
+        copy_param(self.input_norm, w[prefix + "input_layernorm.weight"], "input_layernorm")
+        copy_param(self.post_norm, w[prefix + "post_attention_layernorm.weight"], "post_norm")
+        qkv = [w[f"{attn}{p}_proj.weight"] for p in "qkv"]
+        copy_param(self.qkv_weight, torch.cat(qkv, 0), attn + "q/k/v_proj.weight")
+        copy_param(self.o_weight, w[attn + "o_proj.weight"], attn + "o_proj.weight")
+        gate_up = [w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]
+        copy_param(self.gate_up_weight, torch.cat(gate_up, 0), mlp + "gate/up_proj.weight")
+        copy_param(self.down_weight, w[mlp + "down_proj.weight"], mlp + "down_proj.weight")
+        if self.qkv_bias is not None:
+            qkv_b = torch.cat([w[f"{attn}{p}_proj.bias"] for p in "qkv"], 0)
+            copy_param(self.qkv_bias, qkv_b, attn + "q/k/v_proj.bias")
+        if self.o_bias is not None:
+            copy_param(self.o_bias, w[attn + "o_proj.bias"], attn + "o_proj.bias")
+        if self.gate_up_bias is not None:
+            gate_up_b = torch.cat([w[mlp + "gate_proj.bias"], w[mlp + "up_proj.bias"]], 0)
+            copy_param(self.gate_up_bias, gate_up_b, mlp + "gate/up_proj.bias")
+            copy_param(self.down_bias, w[mlp + "down_proj.bias"], mlp + "down_proj.bias")
+
+    def hf_keys(self, prefix: str) -> set[str]:
+        """The HF checkpoint keys this layer reads."""
+        keys = {prefix + "input_layernorm.weight", prefix + "post_attention_layernorm.weight"}
+        attn = [f"self_attn.{p}_proj" for p in "qkvo"]
+        mlp = [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+        keys |= {f"{prefix}{m}.weight" for m in attn + mlp}
+        if self.qkv_bias is not None:
+            keys |= {f"{prefix}self_attn.{p}_proj.bias" for p in "qkv"}
+        if self.o_bias is not None:
+            keys.add(prefix + "self_attn.o_proj.bias")
+        if self.gate_up_bias is not None:
+            keys |= {f"{prefix}{m}.bias" for m in mlp}
+        return keys
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama-architecture causal LM over packed batches."""
+
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu"
+    ) -> None:
+        super().__init__()
+        if config.architecture != "llama" or config.rope is None:
+            raise ValueError(f"LlamaForCausalLM cannot run a {config.model_type!r} config")
+        self.config = config
+        kw = {"dtype": dtype, "device": device}
+        self.embed_tokens = empty_param(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, dtype, device) for i in range(config.num_layers)
+        )
+        self.norm = empty_param(config.hidden_size, **kw)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = empty_param(config.vocab_size, config.hidden_size, **kw)
+        self.rotary = RotaryEmbedding(
+            config.rope, config.head_dim, config.max_position_embeddings, dtype, device
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and positions must both be [T], got {tuple(input_ids.shape)} "
+                f"and {tuple(positions.shape)}"
+            )
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary(positions, ctx.seq_len_per_token)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return rms_norm(x, self.norm, self.config.norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head)
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {"embed_tokens.weight", "norm.weight"}
+        for i, layer in enumerate(self.layers):
+            expected |= layer.hf_keys(f"layers.{i}.")
+        tied = self.config.tie_word_embeddings
+        if not tied:
+            expected.add("lm_head.weight")
+
+        def ignored(name: str) -> bool:
+            return name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight")
+
+        w = take_weights(state, expected, ignored, strip_prefixes=("model.",))
+        copy_param(self.embed_tokens, w["embed_tokens.weight"], "embed_tokens.weight")
+        copy_param(self.norm, w["norm.weight"], "norm.weight")
+        if not tied:
+            copy_param(self.lm_head, w["lm_head.weight"], "lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            layer.load(w, f"layers.{i}.")

@@ -43,6 +43,10 @@ class AttentionBackend(ABC):
         """Release every byte the cache holds."""
 
     @abstractmethod
+    def fork(self, cache: object) -> object:
+        """An independent copy of a cache: appending to one never changes the other."""
+
+    @abstractmethod
     def cache_len(self, cache: object) -> int:
         """Number of tokens stored in the cache."""
 

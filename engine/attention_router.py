@@ -45,6 +45,12 @@ class AttentionRouter(AttentionBackend):
         self._owner[id(cache)] = backend
         return cache
 
+    def fork(self, cache: object) -> object:
+        backend = self.owner(cache)
+        copy = backend.fork(cache)
+        self._owner[id(copy)] = backend
+        return copy
+
     def owner(self, cache: object) -> AttentionBackend:
         return self._owner[id(cache)]
 

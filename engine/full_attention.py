@@ -90,6 +90,15 @@ class FullAttentionBackend(AttentionBackend):
         self._live[id(cache)] = cache
         return cache
 
+    def fork(self, cache: FullKVCache) -> FullKVCache:
+        copy = FullKVCache(self.shape, initial_capacity=max(cache.capacity, 1))
+        for layer in range(self.shape.num_layers):
+            copy.k[layer][:, : cache.length] = cache.k[layer][:, : cache.length]
+            copy.v[layer][:, : cache.length] = cache.v[layer][:, : cache.length]
+        copy.length = cache.length
+        self._live[id(copy)] = copy
+        return copy
+
     def free(self, cache: FullKVCache) -> None:
         cache.release()
         self._live.pop(id(cache), None)

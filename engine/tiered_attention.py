@@ -15,6 +15,8 @@ index.
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import torch
 
 from engine.attention_backend import AttentionBackend, CacheShape
@@ -69,6 +71,19 @@ class TieredAttentionBackend(AttentionBackend):
         cache = TieredCache(self.shape, self.config, self.retriever_factory)
         self._live[id(cache)] = cache
         return cache
+
+    def fork(self, cache: TieredCache) -> TieredCache:
+        retriever, cache.retriever = cache.retriever, None
+        try:
+            copy = deepcopy(cache)
+        finally:
+            cache.retriever = retriever
+        if retriever is not None:  # an index cannot be copied generally: rebuild it
+            copy.retriever = copy.retriever_factory(copy)
+            for layer in range(self.shape.num_layers):
+                copy.retriever.add(layer, copy.host_keys(layer))
+        self._live[id(copy)] = copy
+        return copy
 
     def free(self, cache: TieredCache) -> None:
         if cache.retriever is not None:

@@ -326,3 +326,11 @@ class LLMEngine:
     def memory_stats(self) -> dict[str, int]:
         """Bytes and tokens held by the KV tiers of every live sequence."""
         return self.router.memory_stats()
+
+    def retrieval_stats(self) -> dict[str, int]:
+        """Host-tier index counters (queries, scanned, candidates) since start."""
+        totals: dict[str, int] = {}
+        for backend in list(self.router.backends.values()):
+            for key, value in getattr(backend, "retrieval_stats", dict)().items():
+                totals[key] = totals.get(key, 0) + value
+        return totals

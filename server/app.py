@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -18,7 +17,8 @@ from engine.async_engine import AsyncEngine
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.model_files import DEFAULT_MODEL_NAME, ModelLoadError
 from server import __version__, completions
-from server.errors import APIError, error_body, error_response, install_error_handlers
+from server.auth import APIKeyMiddleware
+from server.errors import APIError, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -110,17 +110,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     app.state.longserve = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        key = config.api_key
-        if key and request.url.path not in ("/health", "/metrics", "/version"):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), key.encode()):
-                return JSONResponse(
-                    error_body(401, "invalid or missing API key", None, "invalid_api_key"), 401
-                )
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
     @app.get("/health")
     async def health() -> Response:

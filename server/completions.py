@@ -149,7 +149,7 @@ async def completion(state: ServerState, body: CompletionRequest, request: Reque
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streams = [
-            stream_prompt(engine, f"{request_id}-{i}", p, params, body.attention)
+            stream_prompt(engine, f"{request_id}-{i}", p, params, body.attention, state.metrics)
             for i, p in enumerate(prompts)
         ]
 
@@ -198,7 +198,9 @@ async def completion(state: ServerState, body: CompletionRequest, request: Reque
 
         return StreamingResponse(_sse_stream(events()), media_type="text/event-stream")
 
-    results = await collect_all(request, engine, request_id, prompts, params, body.attention)
+    results = await collect_all(
+        request, engine, request_id, prompts, params, body.attention, state.metrics
+    )
     choices, prompt_total, completion_total = [], 0, 0
     for i, result in enumerate(results):
         prompt_total += result.prompt_tokens
@@ -256,7 +258,9 @@ async def chat_completion(
     await _validate(engine, prompt_ids, params, body.attention)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = stream_prompt(engine, request_id, prompt_ids, params, body.attention)
+        stream = stream_prompt(
+            engine, request_id, prompt_ids, params, body.attention, state.metrics
+        )
 
         def chunk(choices: list[dict], **extra: Any) -> dict:
             return {
@@ -302,7 +306,9 @@ async def chat_completion(
 
         return StreamingResponse(_sse_stream(events()), media_type="text/event-stream")
 
-    [result] = await collect_all(request, engine, request_id, [prompt_ids], params, body.attention)
+    [result] = await collect_all(
+        request, engine, request_id, [prompt_ids], params, body.attention, state.metrics
+    )
     choices = [
         {
             "index": c.index,

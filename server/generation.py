@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from engine.outputs import StepOutput
 from engine.sampler import TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.errors import APIError
+from server.metrics import Metrics, RequestTimer
 
 
 @dataclass
@@ -58,13 +60,23 @@ async def stream_prompt(
     prompt: str | list[int],
     params: SamplingParams,
     attention: str | None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[StepOutput]:
     """Deltas of one prompt's samples; engine errors become APIError."""
+    timer = RequestTimer(metrics, time.monotonic()) if metrics is not None else None
+    outcome = "aborted"
     try:
         async for delta in engine.generate(request_id, prompt, params, attention):
+            if timer is not None:
+                timer.token(time.monotonic(), len(delta.token_ids), delta.num_prompt_tokens)
             yield delta
+        outcome = "finished"
     except (ValueError, EngineDeadError) as exc:
+        outcome = "error"
         raise as_api_error(exc) from exc
+    finally:
+        if timer is not None:
+            timer.done(time.monotonic(), outcome)
 
 
 async def collect_prompt(
@@ -73,11 +85,12 @@ async def collect_prompt(
     prompt: str | list[int],
     params: SamplingParams,
     attention: str | None,
+    metrics: Metrics | None = None,
 ) -> PromptResult:
     """Run one prompt to completion and gather its samples."""
     choices = [Choice(index=i) for i in range(params.n)]
     prompt_tokens = 0
-    async for delta in stream_prompt(engine, request_id, prompt, params, attention):
+    async for delta in stream_prompt(engine, request_id, prompt, params, attention, metrics):
         prompt_tokens = delta.num_prompt_tokens
         choice = choices[delta.index]
         choice.text += delta.text
@@ -96,10 +109,13 @@ async def collect_all(
     prompts: list[str | list[int]],
     params: SamplingParams,
     attention: str | None,
+    metrics: Metrics | None = None,
 ) -> list[PromptResult]:
     """Run every prompt concurrently; abort all of them if the client goes away."""
     tasks = [
-        asyncio.create_task(collect_prompt(engine, f"{request_id}-{i}", p, params, attention))
+        asyncio.create_task(
+            collect_prompt(engine, f"{request_id}-{i}", p, params, attention, metrics)
+        )
         for i, p in enumerate(prompts)
     ]
     try:

@@ -23,7 +23,13 @@ def free_port() -> int:
 class ServerProcess:
     """A running server; `url` is its base URL. Use as a context manager."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 180,
+        wait_ready: bool = True,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"longserve-test-{self.port}.log"
@@ -46,21 +52,26 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        self._wait_ready(timeout)
+        self.timeout = timeout
+        if wait_ready:
+            self.poll_health_until_ready()
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def poll_health_until_ready(self) -> list[int]:
+        """Poll /health until 200; returns every status seen once the socket answered."""
+        statuses: list[int] = []
+        deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
+                statuses.append(httpx.get(f"{self.url}/health", timeout=2).status_code)
+                if statuses[-1] == 200:
+                    return statuses
             except httpx.HTTPError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"server not ready after {self.timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         self._log.flush()

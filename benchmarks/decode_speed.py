@@ -68,49 +68,61 @@ def hf_single(model, prompt: list[int], decode_tokens: int) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-
-    engine = LLMEngine.from_config(EngineConfig(max_num_batched_tokens=2048))
     from transformers import AutoModelForCausalLM
 
     from engine.model_files import default_model_dir
 
-    hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    vocab = engine.model_config.vocab_size
-    ours_single(engine, random_prompt(64, vocab, 0), 8)  # warm-up
-    hf_single(hf, random_prompt(64, vocab, 0), 8)
+    rows, batch_rows = [], []
+    for dtype in args.dtypes:
+        engine = LLMEngine.from_config(EngineConfig(dtype=dtype, max_num_batched_tokens=2048))
+        hf = AutoModelForCausalLM.from_pretrained(
+            default_model_dir(), dtype=getattr(torch, dtype)
+        ).eval()
+        vocab = engine.model_config.vocab_size
+        ours_single(engine, random_prompt(64, vocab, 0), 8)  # warm-up
+        hf_single(hf, random_prompt(64, vocab, 0), 8)
+        with torch.inference_mode():
+            for ctx in tqdm(args.contexts, desc=f"{dtype} contexts"):
+                prompt = random_prompt(ctx, vocab, ctx)
+                ours, theirs = [], []
+                for _ in range(args.repeats):  # interleaved, so drift hits both alike
+                    ours.append(ours_single(engine, prompt, args.decode_tokens))
+                    theirs.append(hf_single(hf, prompt, args.decode_tokens))
+                o_pre = statistics.median(x[0] for x in ours)
+                o_dec = statistics.median(x[1] for x in ours)
+                t_pre = statistics.median(x[0] for x in theirs)
+                t_dec = statistics.median(x[1] for x in theirs)
+                rows.append((dtype, ctx, ctx / o_pre, ctx / t_pre, o_dec * 1e3, t_dec * 1e3))
+            batch_prompts = [random_prompt(512, vocab, 100 + i) for i in range(args.batch)]
+            single = statistics.median(
+                ours_single(engine, batch_prompts[0], args.decode_tokens)[1]
+                for _ in range(args.repeats)
+            )
+            batched = ours_batched(engine, batch_prompts, args.decode_tokens)
+            batch_rows.append((dtype, batched, 1 / single))
+        del engine, hf
 
-    rows = []
-    with torch.inference_mode():
-        for ctx in tqdm(args.contexts, desc="contexts"):
-            prompt = random_prompt(ctx, vocab, ctx)
-            ours = [ours_single(engine, prompt, args.decode_tokens) for _ in range(args.repeats)]
-            theirs = [hf_single(hf, prompt, args.decode_tokens) for _ in range(args.repeats)]
-            o_pre = statistics.median(x[0] for x in ours)
-            o_dec = statistics.median(x[1] for x in ours)
-            t_pre = statistics.median(x[0] for x in theirs)
-            t_dec = statistics.median(x[1] for x in theirs)
-            rows.append((ctx, ctx / o_pre, ctx / t_pre, o_dec * 1e3, t_dec * 1e3))
-        batch_prompts = [random_prompt(512, vocab, 100 + i) for i in range(args.batch)]
-        single = ours_single(engine, batch_prompts[0], args.decode_tokens)[1]
-        batched = ours_batched(engine, batch_prompts, args.decode_tokens)
-
-    print(f"\ntorch threads: {torch.get_num_threads()}, dtype float32, batch 1 unless noted\n")
     print(
-        "| context | prefill tok/s ours | prefill tok/s HF | decode ms/tok ours "
+        f"\ntorch threads: {torch.get_num_threads()}; batch 1 unless noted; "
+        "HF = transformers generate, same weights and dtype\n"
+    )
+    print(
+        "| dtype | context | prefill tok/s ours | prefill tok/s HF | decode ms/tok ours "
         "| decode ms/tok HF | decode speed-up (HF/ours) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
-    for ctx, op, tp, od, td in rows:
-        print(f"| {ctx} | {op:.0f} | {tp:.0f} | {od:.1f} | {td:.1f} | {td / od:.2f}x |")
-    print(
-        f"\nbatched decode, {args.batch} sequences at 512 context: {batched:.1f} tok/s vs "
-        f"single stream {1 / single:.1f} tok/s = {batched * single:.2f}x"
-    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for dtype, ctx, op, tp, od, td in rows:
+        print(f"| {dtype} | {ctx} | {op:.0f} | {tp:.0f} | {od:.1f} | {td:.1f} | {td / od:.2f}x |")
+    print(f"\n| dtype | {args.batch} seqs at 512 ctx, tok/s | single stream tok/s | ratio |")
+    print("|---|---:|---:|---:|")
+    for dtype, batched, single in batch_rows:
+        print(f"| {dtype} | {batched:.1f} | {single:.1f} | {batched / single:.2f}x |")
 
 
 if __name__ == "__main__":

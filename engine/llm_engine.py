@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,7 +53,9 @@ class EngineConfig:
     window_tokens: int = 512
     top_k: int = 100
     index: str = "exact"
+    index_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"ef": 64}
     num_threads: int | None = None
+    pack_weights: bool = True  # oneDNN-packed matmul weights on CPU (faster decode)
 
     def validate(self) -> None:
         if self.attention not in ATTENTION_MODES:
@@ -65,6 +67,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.window_tokens < 1:
             raise ValueError("window_tokens must be >= 1")
+        from retrieval import INDEX_KINDS
+
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
 
 
 class LLMEngine:
@@ -129,6 +135,8 @@ class LLMEngine:
         except Exception as exc:  # truncated or mismatched files fail in many ways
             raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
         model.eval()
+        if config.pack_weights and config.device == "cpu":
+            model.pack_weights()
         logger.info(
             "Loaded %s (%s, %d layers) from %s in %.1f s",
             model_dir.name,
@@ -144,6 +152,7 @@ class LLMEngine:
     def _make_backend(self, shape: CacheShape, mode: str) -> AttentionBackend:
         if mode == "full":
             return FullAttentionBackend(shape)
+        from engine.index_retriever import retriever_factory
         from engine.tiered_attention import TieredAttentionBackend
 
         return TieredAttentionBackend(
@@ -152,6 +161,7 @@ class LLMEngine:
             sink_tokens=self.config.sink_tokens,
             window_tokens=self.config.window_tokens,
             top_k=self.config.top_k,
+            retriever_factory=retriever_factory(self.config.index, self.config.index_options),
         )
 
     # -- sequence lifecycle -------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,7 +26,9 @@ _ENGINE_FLAGS: list[tuple[str, type, Any, str]] = [
     ("--sink-tokens", int, 128, "attention-sink tokens kept on the device"),
     ("--window-tokens", int, 512, "recent-window tokens kept on the device"),
     ("--top-k", int, 100, "host-tier keys retrieved per head per decode step"),
-    ("--index", str, "exact", "host-tier index type"),
+    ("--index", str, "exact", "host-tier index: exact, faiss-flat, faiss-ivf, faiss-hnsw, "
+     "hnswlib, attention-aware"),
+    ("--index-options", json.loads, {}, 'index options as JSON, e.g. \'{"ef": 64}\''),
     ("--num-threads", int, None, "torch CPU threads (default: all cores)"),
 ]
 
@@ -65,6 +68,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         window_tokens=args.window_tokens,
         top_k=args.top_k,
         index=args.index,
+        index_options=args.index_options,
         num_threads=args.num_threads,
     )
 

@@ -33,6 +33,10 @@ class CausalLM(nn.Module, ABC):
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy weights from a state dict with Hugging Face key names."""
 
+    def pack_weights(self) -> int:
+        """Pre-pack matmul weights for fast CPU products; returns how many were packed."""
+        return 0
+
     def cache_shape(self) -> CacheShape:
         """The KV cache geometry an attention backend needs for this model."""
         p = next(self.parameters())

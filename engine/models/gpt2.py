@@ -9,6 +9,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.model_config import ModelConfig
 from engine.models import ACTIVATIONS, CausalLM, copy_param, empty_param, take_weights
+from engine.models.linear import linear, pack_linear_weights
 
 
 class GPT2Block(nn.Module):
@@ -53,17 +54,17 @@ class GPT2Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t, d = x.shape
         h = F.layer_norm(x, (d,), self.ln1_weight, self.ln1_bias, self.eps)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(t, 3, self.num_heads, self.head_dim)
+        qkv = linear(h, self.qkv_weight, self.qkv_bias).view(t, 3, self.num_heads, self.head_dim)
         out = ctx.backend.forward(self.layer_idx, qkv[:, 0], qkv[:, 1], qkv[:, 2], ctx, self.scale)
         for hook in ctx.head_output_hooks:
             out = hook(self.layer_idx, out)
-        x = x + F.linear(out.reshape(t, d), self.o_weight, self.o_bias)
+        x = x + linear(out.reshape(t, d), self.o_weight, self.o_bias)
 
         h = F.layer_norm(x, (d,), self.ln2_weight, self.ln2_bias, self.eps)
-        act = self.act(F.linear(h, self.fc_weight, self.fc_bias))
+        act = self.act(linear(h, self.fc_weight, self.fc_bias))
         for hook in ctx.mlp_act_hooks:
             act = hook(self.layer_idx, act)
-        return x + F.linear(act, self.proj_weight, self.proj_bias)
+        return x + linear(act, self.proj_weight, self.proj_bias)
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         """Fill the block from HF-named tensors `{prefix}attn.c_attn.weight`, ..."""
@@ -120,6 +121,11 @@ class GPT2LMHeadModel(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)
+
+    def pack_weights(self) -> int:
+        """Pre-pack the blocks' matmul weights for CPU decode (see engine.models.linear)."""
+        names = ("qkv_weight", "o_weight", "fc_weight", "proj_weight")
+        return sum(pack_linear_weights(block, names) for block in self.blocks)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}

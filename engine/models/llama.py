@@ -13,6 +13,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.model_config import ModelConfig
 from engine.models import ACTIVATIONS, CausalLM, copy_param, empty_param, take_weights
+from engine.models.linear import can_pack, linear, pack_linear_weights, residual_linear
 from engine.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -21,15 +22,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
-
-
-def _residual_linear(
-    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """x + linear(h): one addmm when there is no bias."""
-    if bias is None:
-        return torch.addmm(x, h, weight.t())
-    return x + F.linear(h, weight, bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -63,7 +55,7 @@ class LlamaDecoderLayer(nn.Module):
         t = x.shape[0]
         hq, hkv = self.num_heads, self.num_kv_heads
         h = rms_norm(x, self.input_norm, self.eps)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(t, hq + 2 * hkv, self.head_dim)
+        qkv = linear(h, self.qkv_weight, self.qkv_bias).view(t, hq + 2 * hkv, self.head_dim)
         # q and k heads are adjacent, so one rotation covers both.
         qk = apply_rotary(qkv[:, : hq + hkv], cos, sin)
         out = ctx.backend.forward(
@@ -71,15 +63,15 @@ class LlamaDecoderLayer(nn.Module):
         )
         for hook in ctx.head_output_hooks:
             out = hook(self.layer_idx, out)
-        x = _residual_linear(x, out.reshape(t, hq * self.head_dim), self.o_weight, self.o_bias)
+        x = residual_linear(x, out.reshape(t, hq * self.head_dim), self.o_weight, self.o_bias)
 
         h = rms_norm(x, self.post_norm, self.eps)
-        gate_up = F.linear(h, self.gate_up_weight, self.gate_up_bias)
+        gate_up = linear(h, self.gate_up_weight, self.gate_up_bias)
         n = self.intermediate_size
         act = self.act(gate_up[:, :n]) * gate_up[:, n:]
         for hook in ctx.mlp_act_hooks:
             act = hook(self.layer_idx, act)
-        return _residual_linear(x, act, self.down_weight, self.down_bias)
+        return residual_linear(x, act, self.down_weight, self.down_bias)
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         """Fill the layer from HF-named tensors `{prefix}self_attn.q_proj.weight`, ..."""
@@ -137,6 +129,7 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head = self.embed_tokens
         else:
             self.lm_head = empty_param(config.vocab_size, config.hidden_size, **kw)
+        self.lm_head_packed: torch.Tensor | None = None
         self.rotary = RotaryEmbedding(
             config.rope, config.head_dim, config.max_position_embeddings, dtype, device
         )
@@ -156,7 +149,23 @@ class LlamaForCausalLM(CausalLM):
         return rms_norm(x, self.norm, self.config.norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)
+        head = self.lm_head if self.lm_head_packed is None else self.lm_head_packed
+        return linear(hidden, head, None)
+
+    def pack_weights(self) -> int:
+        """Pre-pack the matmul weights for CPU decode (see engine.models.linear).
+
+        The embedding table stays dense for lookups; the LM head gets a packed copy.
+        """
+        count = 0
+        for layer in self.layers:
+            count += pack_linear_weights(
+                layer, ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+            )
+        if can_pack(self.lm_head):
+            self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.detach(), 1)
+            count += 1
+        return count
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = {"embed_tokens.weight", "norm.weight"}

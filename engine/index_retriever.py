@@ -1,0 +1,175 @@
+"""Serve the host tier's top-k searches from `retrieval/` indexes (faiss, hnswlib, graph).
+
+One `IndexRetriever` per sequence holds, for every layer, one index per query head; the
+indexes of a GQA group share one `KeyStore` copy of their KV head's keys where the index
+kind allows it. Indexes are built on a sequence's first decode search, from the host
+keys gathered during prefill and the prefill query sample (all layers at once, on a
+thread pool, with a progress bar for long contexts). Afterwards keys leaving the window
+are added incrementally in blocks of `add_block`, together with the decode queries seen
+since the last add; until a block is full its keys are scored exactly (a few dozen dot
+products) and merged with the index's answer, so no key is ever unsearchable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.tiered_cache import ExactRetriever, HostRetriever, TieredCache
+from retrieval import STORE_BACKED_KINDS, BuildJob, KeyIndex, KeyStore, build_indexes
+from retrieval import create_index as _create_index
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_MIN_KEYS = 4096  # show a build progress bar from this many host keys on
+
+
+class IndexRetriever(HostRetriever):
+    """Per-(layer, query head) ANN indexes over one sequence's host tier."""
+
+    def __init__(
+        self,
+        cache: TieredCache,
+        kind: str,
+        options: dict[str, Any] | None = None,
+        num_threads: int | None = None,
+        add_block: int = 64,
+    ) -> None:
+        super().__init__()
+        self.cache = cache
+        self.kind = kind
+        self.options = dict(options or {})
+        self.num_threads = num_threads
+        self.add_block = add_block
+        layers = cache.shape.num_layers
+        self.indexes: list[list[KeyIndex] | None] = [None] * layers
+        self.indexed = [0] * layers  # host rows [0, indexed) are in the layer's indexes
+        self.recent_queries: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        self.build_seconds = 0.0
+
+    # -- building -----------------------------------------------------------------------
+
+    def _new_layer(self, num_q_heads: int, hkv: int) -> list[KeyIndex]:
+        dim = self.cache.shape.head_dim
+        group = num_q_heads // hkv
+        if self.kind in STORE_BACKED_KINDS:
+            stores = [KeyStore(dim) for _ in range(hkv)]
+            return [
+                _create_index(self.kind, dim, store=stores[h // group], **self.options)
+                for h in range(num_q_heads)
+            ]
+        return [_create_index(self.kind, dim, **self.options) for _ in range(num_q_heads)]
+
+    def build_all(self, num_q_heads: int) -> None:
+        """Build every layer's indexes from the host tier and the prefill query sample."""
+        start = time.monotonic()
+        jobs: list[BuildJob] = []
+        hkv = self.cache.shape.num_kv_heads
+        group = num_q_heads // hkv
+        for layer in range(self.cache.shape.num_layers):
+            keys = self.cache.host_keys(layer).float().cpu().numpy()  # [Hkv, N, D]
+            samples = self.cache.query_samples(layer)  # [Hq, n, D] or None
+            layer_indexes = self._new_layer(num_q_heads, hkv)
+            for h, index in enumerate(layer_indexes):
+                queries = None
+                if samples is not None and samples.shape[1] > 0:
+                    queries = samples[h].float().cpu().numpy()
+                jobs.append(BuildJob(index, keys[h // group], queries))
+            self.indexes[layer] = layer_indexes
+            self.indexed[layer] = keys.shape[1]
+        total_keys = sum(self.cache.host_len)
+        build_indexes(
+            jobs,
+            num_threads=self.num_threads,
+            progress=total_keys >= PROGRESS_MIN_KEYS,
+            desc=f"{self.kind} indexes",
+        )
+        self.build_seconds = time.monotonic() - start
+        logger.info(
+            "Built %d %s indexes over %d host keys in %.2f s",
+            len(jobs),
+            self.kind,
+            total_keys,
+            self.build_seconds,
+        )
+
+    # -- HostRetriever ------------------------------------------------------------------
+
+    def add(self, layer: int, keys: torch.Tensor) -> None:
+        indexes = self.indexes[layer]
+        if indexes is None:
+            return  # not built yet: the build reads the whole host tier
+        start, end = self.indexed[layer], self.cache.host_len[layer]
+        if end - start < self.add_block:
+            return  # searched exactly until the block is full
+        block = self.cache.host_keys(layer)[:, start:end].float().cpu().numpy()
+        group = len(indexes) // block.shape[0]
+        recent = self.recent_queries[layer]
+        for h, index in enumerate(indexes):
+            queries = np.stack([q[h] for q in recent]) if recent else None
+            index.add(block[h // group], queries)
+        self.indexed[layer] = end
+        recent.clear()
+
+    def search(self, layer: int, q: torch.Tensor, k: int) -> torch.Tensor:
+        hq = q.shape[0]
+        if self.indexes[layer] is None:
+            self.build_all(hq)
+        indexes = self.indexes[layer]
+        q_np = q.float().cpu().numpy()
+        recent = self.recent_queries[layer]
+        recent.append(q_np)
+        del recent[: -self.add_block]
+        n_indexed, n_host = self.indexed[layer], self.cache.host_len[layer]
+        width = min(k, n_indexed)
+        ids = np.full((hq, width), -1, dtype=np.int64)
+        scores = np.full((hq, width), -np.inf, dtype=np.float32)
+        for h, index in enumerate(indexes):
+            if width:
+                result = index.search(q_np[h : h + 1], width)
+                ids[h], scores[h] = result.ids[0], result.scores[0]
+                self.scanned += int(max(result.scanned[0], 0))
+        if n_host > n_indexed:  # the not-yet-indexed block, scored exactly
+            pending = self.cache.host_keys(layer)[:, n_indexed:n_host].float().cpu().numpy()
+            group = hq // pending.shape[0]
+            tail = np.einsum("hd,hnd->hn", q_np, np.repeat(pending, group, axis=0))
+            tail_ids = np.broadcast_to(np.arange(n_indexed, n_host), tail.shape)
+            ids = np.concatenate([ids, tail_ids], axis=1)
+            scores = np.concatenate([scores, tail.astype(np.float32)], axis=1)
+            self.scanned += hq * (n_host - n_indexed)
+            if ids.shape[1] > k:
+                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                ids = np.take_along_axis(ids, top, axis=1)
+        self.queries += hq
+        self.candidates += hq * n_host
+        return torch.from_numpy(np.ascontiguousarray(ids))
+
+    def nbytes(self) -> int:
+        total = 0
+        for indexes in self.indexes:
+            for index in indexes or ():
+                total += index.nbytes
+            if indexes and self.kind in STORE_BACKED_KINDS:
+                total += sum({id(i.store): i.store.nbytes for i in indexes}.values())
+        return total
+
+    def free(self) -> None:
+        self.indexes = [None] * len(self.indexes)
+        self.indexed = [0] * len(self.indexed)
+        self.recent_queries = [[] for _ in self.recent_queries]
+        self.cache = None
+
+
+def retriever_factory(
+    kind: str, options: dict[str, Any] | None = None, num_threads: int | None = None
+) -> Callable[[TieredCache], HostRetriever]:
+    """The tiered backend's retriever factory for an index kind (`exact` needs no index)."""
+    if kind == "exact":
+        return ExactRetriever
+    _create_index(kind, 8, **(options or {}))  # fail fast on a bad kind or option
+    return lambda cache: IndexRetriever(cache, kind, options, num_threads)

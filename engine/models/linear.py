@@ -1,0 +1,64 @@
+"""Matrix products for the models, with CPU weights optionally pre-packed for oneDNN.
+
+On CPU, MKL's GEMM repacks the weight matrix on every call; for the skinny activations
+of decode (a few rows) that repacking costs as much as the product. oneDNN can take a
+weight reordered once into its blocked layout: on the 2-core test machine a decode-sized
+product got about 2x faster. `pack_linear_weights` swaps a model's matmul weights for
+packed copies after loading; `linear` dispatches on the weight's layout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias, for a dense or a pre-packed (oneDNN) weight."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def residual_linear(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x + linear(h): one addmm for a dense weight without bias."""
+    if bias is None and not weight.is_mkldnn:
+        return torch.addmm(x, h, weight.t())
+    return x + linear(h, weight, bias)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in _PACKABLE_DTYPES
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def pack_linear_weights(module: nn.Module, names: tuple[str, ...]) -> int:
+    """Replace each named 2-D weight parameter of `module` with a oneDNN-packed tensor.
+
+    Returns how many were packed. Packed weights are read-only and only usable through
+    `linear`/`residual_linear`; keep a dense copy elsewhere if something needs to read them.
+    """
+    packed = 0
+    for name in names:
+        weight = getattr(module, name, None)
+        if weight is None or weight.is_mkldnn or not can_pack(weight):
+            continue
+        tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        if name in module._parameters:
+            del module._parameters[name]
+        setattr(module, name, tensor)
+        packed += 1
+    return packed

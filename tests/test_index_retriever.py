@@ -1,0 +1,112 @@
+"""ANN indexes behind the tiered backend: exact when they scan everything, close otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention_backend import CacheShape
+from engine.forward_context import ForwardContext, SequenceSlice
+from engine.full_attention import FullAttentionBackend
+from engine.index_retriever import IndexRetriever, retriever_factory
+from engine.tiered_attention import TieredAttentionBackend
+
+SHAPE = CacheShape(num_layers=2, num_kv_heads=2, head_dim=32)
+HQ = 6
+
+
+def _run(backend, chunks, decodes):
+    cache = backend.new_cache()
+    outs = []
+    for q, k, v in chunks + decodes:
+        n = q.shape[0]
+        ctx = ForwardContext([SequenceSlice(cache, 0, n, backend.cache_len(cache))], backend)
+        outs.append([backend.forward(layer, q, k, v, ctx, 32**-0.5) for layer in range(2)])
+    return cache, outs
+
+
+def _data(prefill: int, decode_steps: int):
+    g = torch.Generator().manual_seed(0)
+
+    def qkv(n):
+        q = torch.randn(n, HQ, 32, generator=g) + 0.5  # queries off the keys' distribution
+        return q, torch.randn(n, 2, 32, generator=g), torch.randn(n, 2, 32, generator=g)
+
+    chunks = [qkv(256) for _ in range(prefill // 256)]
+    return chunks, [qkv(1) for _ in range(decode_steps)]
+
+
+def test_flat_index_scanning_everything_equals_full_attention():
+    chunks, decodes = _data(1024, 8)
+    full = FullAttentionBackend(SHAPE)
+    tiered = TieredAttentionBackend(
+        SHAPE,
+        "retrieval",
+        sink_tokens=16,
+        window_tokens=64,
+        top_k=10_000,
+        retriever_factory=retriever_factory("faiss-flat"),
+    )
+    _, want = _run(full, chunks, decodes)
+    cache, got = _run(tiered, chunks, decodes)
+    assert isinstance(cache.retriever, IndexRetriever)
+    for w_step, g_step in zip(want, got, strict=True):
+        for w, g in zip(w_step, g_step, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # the 8 keys that left the window while decoding wait, searched exactly, for a block
+    retriever = cache.retriever
+    assert retriever.indexes[0][0].size == retriever.indexed[0] == cache.host_len[0] - 8
+
+
+def test_full_blocks_are_added_incrementally_without_rebuild():
+    chunks, decodes = _data(1024, 70)
+    tiered = TieredAttentionBackend(
+        SHAPE,
+        "retrieval",
+        sink_tokens=16,
+        window_tokens=64,
+        top_k=10_000,
+        retriever_factory=retriever_factory("faiss-flat"),
+    )
+    _, want = _run(FullAttentionBackend(SHAPE), chunks, decodes)
+    cache, got = _run(tiered, chunks, decodes)
+    retriever = cache.retriever
+    first_index = retriever.indexes[1][0]
+    assert retriever.indexed[1] == cache.host_len[1] - 70 + 64  # one block of 64 added
+    assert first_index.size == retriever.indexed[1]
+    for w, g in zip(want[-1], got[-1], strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["attention-aware", "hnswlib", "faiss-hnsw", "faiss-ivf"])
+def test_approximate_indexes_stay_close_to_full_attention(kind):
+    chunks, decodes = _data(2048, 4)
+    full = FullAttentionBackend(SHAPE)
+    exact = TieredAttentionBackend(SHAPE, "retrieval", sink_tokens=16, window_tokens=64, top_k=64)
+    ann = TieredAttentionBackend(
+        SHAPE,
+        "retrieval",
+        sink_tokens=16,
+        window_tokens=64,
+        top_k=64,
+        retriever_factory=retriever_factory(kind),
+    )
+    streaming = TieredAttentionBackend(SHAPE, "streaming", sink_tokens=16, window_tokens=64)
+    _, ref = _run(full, chunks, decodes)
+    errors = {}
+    for name, backend in (("exact", exact), ("ann", ann), ("streaming", streaming)):
+        cache, outs = _run(backend, chunks, decodes)
+        errors[name] = max(
+            (o[1] - r[1]).abs().max().item()
+            for o, r in zip(outs, ref, strict=True)
+            if o[1].shape[0] == 1
+        )
+        if name == "ann":
+            assert cache.retriever.scanned > 0 and cache.retriever.queries > 0
+    assert errors["ann"] < errors["streaming"]
+    assert errors["ann"] <= errors["exact"] + 0.05
+
+
+def test_unknown_index_kind_is_rejected():
+    with pytest.raises(ValueError, match="valid kinds"):
+        retriever_factory("annoy")

@@ -26,9 +26,13 @@ _ENGINE_FLAGS: list[tuple[str, type, Any, str]] = [
     ("--sink-tokens", int, 128, "attention-sink tokens kept on the device"),
     ("--window-tokens", int, 512, "recent-window tokens kept on the device"),
     ("--top-k", int, 100, "host-tier keys retrieved per head per decode step"),
-    ("--index", str, "exact", "host-tier index: exact, faiss-flat, faiss-ivf, faiss-hnsw, "
-     "hnswlib, attention-aware"),
-    ("--index-options", json.loads, {}, 'index options as JSON, e.g. \'{"ef": 64}\''),
+    (
+        "--index",
+        str,
+        "exact",
+        "host-tier index: exact, faiss-flat, faiss-ivf, faiss-hnsw, hnswlib, attention-aware",
+    ),
+    ("--index-options", json.loads, {}, "index options as JSON, e.g. '{\"ef\": 64}'"),
     ("--num-threads", int, None, "torch CPU threads (default: all cores)"),
 ]
 

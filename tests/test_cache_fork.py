@@ -21,8 +21,11 @@ def _step(backend, cache, q, k, v):
 
 def _qkv(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 4, 16, generator=g), torch.randn(n, 2, 16, generator=g),
-            torch.randn(n, 2, 16, generator=g))
+    return (
+        torch.randn(n, 4, 16, generator=g),
+        torch.randn(n, 2, 16, generator=g),
+        torch.randn(n, 2, 16, generator=g),
+    )
 
 
 @pytest.mark.parametrize(

@@ -39,17 +39,20 @@ def ours_single(engine: LLMEngine, prompt: list[int], decode_tokens: int) -> tup
 
 
 def ours_batched(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) -> float:
-    """Decode tokens/s of all sequences together, once every prompt is prefilled."""
+    """Decode tokens/s over the steps in which every sequence of the batch decodes."""
     params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"batch-{i}", p, params)
-    started = 0
-    while started < len(prompts):  # prefill everything (first token of each)
-        started += len(engine.step())
-    start, produced = time.perf_counter(), 0
+    produced, elapsed = 0, 0.0
     while engine.has_unfinished():
-        produced += len(engine.step())
-    return produced / (time.perf_counter() - start)
+        start = time.perf_counter()
+        outputs = engine.step()
+        step_time = time.perf_counter() - start
+        # every sequence decoded (none produced its first token, i.e. finished a prefill)
+        if len(outputs) == len(prompts) and min(o.num_output_tokens for o in outputs) > 1:
+            produced += len(outputs)
+            elapsed += step_time
+    return produced / elapsed
 
 
 def hf_single(model, prompt: list[int], decode_tokens: int) -> tuple[float, float]:

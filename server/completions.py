@@ -22,7 +22,9 @@ from server.generation import (
     stream_prompt,
 )
 from server.protocol import (
+    MAX_SEQUENCES_PER_REQUEST,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
@@ -133,6 +135,8 @@ async def completion(state: ServerState, body: CompletionRequest, request: Reque
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of other than n is not supported", "best_of")
     prompts = _prompts(body)
+    if len(prompts) * body.n > MAX_SEQUENCES_PER_REQUEST:
+        raise APIError(400, f"prompts x n must be at most {MAX_SEQUENCES_PER_REQUEST}", "prompt")
     params = _sampling(body, body.max_tokens, body.logprobs)
     tokenizer = engine.engine.tokenizer
     request_id = new_request_id("cmpl")
@@ -230,10 +234,12 @@ async def completion(state: ServerState, body: CompletionRequest, request: Reque
     )
 
 
-def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt(state: ServerState, chat_messages: list[ChatMessage]) -> list[int]:
     tokenizer = state.ready_engine().engine.tokenizer
+    if not chat_messages:
+        raise APIError(400, "messages must not be empty", "messages")
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": m.text()} for m in chat_messages]
         text = render_chat(tokenizer, messages)
     except ValueError as exc:
         raise APIError(400, str(exc), "messages") from exc
@@ -250,7 +256,7 @@ async def chat_completion(
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, body.effective_max_tokens(), logprobs)
-    prompt_ids = _chat_prompt(state, body)
+    prompt_ids = _chat_prompt(state, body.messages)
     tokenizer = engine.engine.tokenizer
     request_id = new_request_id("chatcmpl")
     created = int(time.time())
@@ -340,8 +346,7 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
-        chat = ChatCompletionRequest(messages=body.messages)
-        tokens = _chat_prompt(state, chat)
+        tokens = _chat_prompt(state, body.messages)
     else:
         tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}

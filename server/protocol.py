@@ -11,6 +11,9 @@ from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+MAX_N = 16  # samples per prompt
+MAX_SEQUENCES_PER_REQUEST = 64  # prompts x n
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -25,7 +28,7 @@ class _GenerationRequest(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -84,7 +87,7 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -114,7 +117,7 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def effective_max_tokens(self) -> int | None:
         return (

@@ -146,3 +146,88 @@ def test_metrics_exports_kv_bytes(server):
     text = httpx.get(f"{server.url}/metrics").text
     assert 'longserve_kv_cache_bytes{tier="device"}' in text
     assert "longserve_num_requests_running" in text
+
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def test_streamed_and_whole_completion_agree_and_usage_is_exact(server, client):
+    kwargs = dict(
+        model=MODEL,
+        prompt="The three primary colours are",
+        max_tokens=12,
+        temperature=0,
+        logprobs=1,
+    )
+    whole = client.completions.create(**kwargs)
+    chunks = list(
+        client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == whole.choices[0].text
+    count = httpx.post(f"{server.url}/tokenize", json={"prompt": kwargs["prompt"]}).json()
+    assert whole.usage.prompt_tokens == count["count"]
+    assert whole.usage.completion_tokens == len(whole.choices[0].logprobs.tokens)
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n_samples_have_indices_and_max_tokens_gives_length(client):
+    resp = client.completions.create(model=MODEL, prompt="Hello", n=3, max_tokens=5, seed=3)
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    assert resp.usage.completion_tokens == 15
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=5, seed=3
+    )
+    assert sorted(c.index for c in chat.choices) == [0, 1, 2]
+
+
+def test_stop_string_spanning_tokens_never_appears(client):
+    base = dict(
+        model=MODEL,
+        prompt="Once upon a time, in a small village by the sea,",
+        max_tokens=30,
+        temperature=0,
+        logprobs=0,
+    )
+    free = client.completions.create(**base).choices[0]
+    tokens = free.logprobs.tokens
+    # a stop string made of the end of one token and the start of the next
+    i = next(i for i in range(1, len(tokens) - 1) if tokens[i] and len(tokens[i + 1]) >= 2)
+    stop = tokens[i][-1:] + tokens[i + 1][:2]
+    expected = free.text[: free.text.index(stop)]
+    stopped = client.completions.create(**{**base, "stop": [stop]}).choices[0]
+    assert stopped.text == expected and stopped.finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(**{**base, "stop": [stop]}, stream=True)
+    )
+    assert streamed == expected and stop not in streamed
+
+
+@pytest.mark.parametrize("prompt", ["Emoji list: 😀 😃 😄 😁 😆", "北京是中国的首都。上海是"])
+def test_streamed_non_ascii_text_has_no_replacement_characters(client, prompt):
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(**kwargs, stream=True)]
+    text = "".join(pieces)
+    assert sum(ord(ch) > 127 for ch in text) >= 3, text  # the model does write non-ASCII
+    assert all("\ufffd" not in p for p in pieces)
+    assert text == client.completions.create(**kwargs).choices[0].text
+
+
+def test_chat_logprobs_shapes(client):
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say yes."}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob <= 0

@@ -49,6 +49,7 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = Metrics()
         self.on_load_failure: Callable[[], None] | None = None
+        self.draining = False  # set on SIGTERM: finish running requests, refuse new ones
 
     def load(self) -> None:
         try:
@@ -72,6 +73,8 @@ class ServerState:
             self.on_load_failure()
 
     def ready_engine(self) -> AsyncEngine:
+        if self.draining:
+            raise APIError(503, "server is shutting down; retry on another replica")
         if self.engine is None:
             reason = self.load_error or "the model is still loading"
             raise APIError(503, f"server not ready: {reason}")
@@ -115,6 +118,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.get("/health")
     async def health() -> Response:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if state.engine is not None and state.engine.alive:
             return JSONResponse({"status": "ok"})
         reason = state.load_error or "loading"

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--served-model-name", str, None, "model name clients use")
     _add(serve, "--max-waiting-requests", int, 256, "queue length beyond which requests get 429")
     _add(serve, "--log-level", str, "info", "log level")
+    _add(serve, "--drain-timeout", float, 30.0, "seconds to finish running requests on SIGTERM")
     _add_engine_flags(serve)
 
     for name, help in (("generate", "complete a prompt"), ("chat", "chat with the model")):
@@ -114,6 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import ServerConfig, create_app
 
+    DrainingServer = _draining_server_class()  # noqa: N806 - a class
+
     resolve_model_dir(args.model)  # fail fast with one line if the model is missing
     config = ServerConfig(
         engine=_engine_config(args),
@@ -125,8 +130,9 @@ def _serve(args: argparse.Namespace) -> int:
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False
     )
-    server = uvicorn.Server(uv_config)
-    app.state.longserve.on_load_failure = lambda: setattr(server, "should_exit", True)
+    state = app.state.longserve
+    server = DrainingServer(uv_config, state, args.drain_timeout)
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
     logger.info("Listening on http://%s:%d", args.host, args.port)
     server.run()
     error = app.state.longserve.load_error
@@ -134,6 +140,44 @@ def _serve(args: argparse.Namespace) -> int:
         print("error: " + " ".join(error.split()), file=sys.stderr)
         return 1
     return 0
+
+
+def _drain_then_exit(server: Any, state: Any, timeout: float) -> None:
+    engine = state.engine.engine
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if engine.has_unfinished():
+        logger.warning("Drain timeout: %d sequences still running", engine.num_running)
+    server.should_exit = True
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On the first SIGTERM/SIGINT, refuse new requests (503) and let running ones
+        finish before exiting; a second signal exits at once."""
+
+        def __init__(self, config: Any, state: Any, drain_timeout: float) -> None:
+            super().__init__(config)
+            self.state = state
+            self.drain_timeout = drain_timeout
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.state.draining or self.state.engine is None:
+                super().handle_exit(sig, frame)
+                return
+            self.state.draining = True
+            logger.info("Draining: %d running requests", self.state.engine.engine.num_running)
+            threading.Thread(
+                target=_drain_then_exit,
+                args=(self, self.state, self.drain_timeout),
+                name="longserve-drain",
+                daemon=True,
+            ).start()
+
+    return DrainingServer
 
 
 def _generate(args: argparse.Namespace, chat: bool) -> int:

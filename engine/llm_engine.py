@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -115,6 +116,9 @@ class LLMEngine:
         )
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
+        self.num_preemptions = 0
+        # Seconds each sequence waited before its first step; drained by the metrics.
+        self.queue_times: collections.deque[float] = collections.deque(maxlen=10_000)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -280,6 +284,12 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         for seq in scheduled.preempted:
             logger.info("Preempted request %s (device-tier budget)", seq.request_id)
+        self.num_preemptions += len(scheduled.preempted)
+        now = time.monotonic()
+        for seq, _ in scheduled.work:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+                self.queue_times.append(now - seq.arrival_time)
         if scheduled.empty:
             return []
         outputs = []

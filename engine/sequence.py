@@ -41,6 +41,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     pending_text: str = ""  # released by the detokenizer, not yet handed to the caller
 

@@ -64,19 +64,23 @@ async def stream_prompt(
 ) -> AsyncIterator[StepOutput]:
     """Deltas of one prompt's samples; engine errors become APIError."""
     timer = RequestTimer(metrics, time.monotonic()) if metrics is not None else None
-    outcome = "aborted"
+    completed = False
     try:
         async for delta in engine.generate(request_id, prompt, params, attention):
             if timer is not None:
-                timer.token(time.monotonic(), len(delta.token_ids), delta.num_prompt_tokens)
+                timer.token(
+                    time.monotonic(),
+                    len(delta.token_ids),
+                    delta.num_prompt_tokens,
+                    delta.finish_reason,
+                )
             yield delta
-        outcome = "finished"
+        completed = True
     except (ValueError, EngineDeadError) as exc:
-        outcome = "error"
         raise as_api_error(exc) from exc
     finally:
         if timer is not None:
-            timer.done(time.monotonic(), outcome)
+            timer.done(time.monotonic(), completed)
 
 
 async def collect_prompt(

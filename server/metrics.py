@@ -1,4 +1,9 @@
-"""Prometheus metrics: request latencies observed by the server, engine state read at scrape."""
+"""Prometheus metrics named in vLLM's style (`longserve:...`).
+
+Request latencies are observed by the HTTP layer as deltas stream out; engine state
+(queues, KV bytes per tier, index searches, preemptions, queue times) is read from the
+engine at scrape time.
+"""
 
 from __future__ import annotations
 
@@ -16,50 +21,46 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self._engine: LLMEngine | None = None
-        self.running = Gauge("longserve_num_requests_running", "Sequences running", registry=r)
-        self.waiting = Gauge("longserve_num_requests_waiting", "Sequences waiting", registry=r)
-        self.kv_bytes = Gauge(
-            "longserve_kv_cache_bytes", "KV-cache bytes held, by tier", ["tier"], registry=r
+        self._preemptions_seen = 0
+        self._scanned_seen = 0
+        self._searches_seen = 0
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"longserve:{name}", doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"longserve:{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"longserve:{name}", doc, buckets=buckets, registry=r)
+
+        self.running = gauge("num_requests_running", "Sequences in the running batch")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled")
+        self.kv_bytes = gauge("kv_cache_bytes", "KV-cache bytes held, by tier", ("tier",))
+        self.kv_tokens = gauge("kv_cache_tokens", "KV-cache tokens held, by tier", ("tier",))
+        self.preemptions = counter("num_preemptions", "Sequences preempted (recomputed later)")
+        self.searches = counter("index_searches", "Host-tier index searches (one per head)")
+        self.keys_scanned = counter("index_keys_scanned", "Host-tier keys scored by searches")
+        self.scanned_per_search = gauge(
+            "index_keys_scanned_per_search", "Mean keys scored per host-tier search so far"
         )
-        self.kv_tokens = Gauge(
-            "longserve_kv_cache_tokens", "KV-cache tokens held, by tier", ["tier"], registry=r
+        self.requests = counter(
+            "request_success", "Finished requests by finish reason", ("finished_reason",)
         )
-        self.keys_scanned = Gauge(
-            "longserve_retrieval_keys_scanned_total",
-            "Host-tier keys scanned by index searches since start",
-            registry=r,
+        self.aborted = counter("request_aborted", "Requests ended early (client gone, error)")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens")
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS
         )
-        self.searches = Gauge(
-            "longserve_retrieval_searches_total",
-            "Host-tier index searches since start",
-            registry=r,
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between streamed tokens", _TOKEN_BUCKETS
         )
-        self.requests = Counter(
-            "longserve_requests", "Finished requests by outcome", ["outcome"], registry=r
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to last token", _LATENCY_BUCKETS
         )
-        self.prompt_tokens = Counter(
-            "longserve_prompt_tokens", "Prompt tokens of finished requests", registry=r
-        )
-        self.generation_tokens = Counter(
-            "longserve_generation_tokens", "Generated tokens", registry=r
-        )
-        self.ttft = Histogram(
-            "longserve_time_to_first_token_seconds",
-            "Time to first token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "longserve_inter_token_latency_seconds",
-            "Time between streamed tokens",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "longserve_e2e_request_latency_seconds",
-            "Request latency, arrival to last token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled step", _LATENCY_BUCKETS
         )
 
     def bind(self, engine: LLMEngine) -> None:
@@ -74,9 +75,16 @@ class Metrics:
             for tier in ("device", "host"):
                 self.kv_bytes.labels(tier).set(stats.get(f"{tier}_bytes", 0))
                 self.kv_tokens.labels(tier).set(stats.get(f"{tier}_tokens", 0))
+            self.preemptions.inc(engine.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = engine.num_preemptions
             retrieval = engine.retrieval_stats()
-            self.keys_scanned.set(retrieval.get("scanned", 0))
-            self.searches.set(retrieval.get("queries", 0))
+            searches, scanned = retrieval.get("queries", 0), retrieval.get("scanned", 0)
+            self.searches.inc(max(searches - self._searches_seen, 0))
+            self.keys_scanned.inc(max(scanned - self._scanned_seen, 0))
+            self._searches_seen, self._scanned_seen = searches, scanned
+            self.scanned_per_search.set(scanned / searches if searches else 0)
+            while engine.queue_times:
+                self.queue_time.observe(engine.queue_times.popleft())
         return generate_latest(self.registry)
 
 
@@ -88,18 +96,22 @@ class RequestTimer:
         self.start = start
         self.last: float | None = None
         self.prompt_tokens = 0
+        self.finish_reason: str | None = None
 
-    def token(self, now: float, count: int, prompt_tokens: int) -> None:
+    def token(self, now: float, count: int, prompt_tokens: int, finish: str | None) -> None:
         if self.last is None:
             self.metrics.ttft.observe(now - self.start)
         else:
             self.metrics.itl.observe(now - self.last)
         self.last = now
         self.prompt_tokens = prompt_tokens
+        self.finish_reason = finish or self.finish_reason
         self.metrics.generation_tokens.inc(count)
 
-    def done(self, now: float, outcome: str) -> None:
-        self.metrics.requests.labels(outcome).inc()
-        if outcome == "finished":
-            self.metrics.prompt_tokens.inc(self.prompt_tokens)
-            self.metrics.e2e.observe(now - self.start)
+    def done(self, now: float, completed: bool) -> None:
+        if not completed:
+            self.metrics.aborted.inc()
+            return
+        self.metrics.requests.labels(self.finish_reason or "stop").inc()
+        self.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.metrics.e2e.observe(now - self.start)

@@ -142,10 +142,33 @@ def test_tokenize_detokenize_round_trip(server):
     assert back == "Hello world"
 
 
-def test_metrics_exports_kv_bytes(server):
+def test_metrics_export_vllm_style_series(server, client):
+    client.completions.create(model=MODEL, prompt="Count:", max_tokens=3, temperature=0)
     text = httpx.get(f"{server.url}/metrics").text
-    assert 'longserve_kv_cache_bytes{tier="device"}' in text
-    assert "longserve_num_requests_running" in text
+    for series in (
+        'longserve:kv_cache_bytes{tier="device"}',
+        'longserve:kv_cache_tokens{tier="host"}',
+        "longserve:num_requests_running",
+        "longserve:num_requests_waiting",
+        "longserve:num_preemptions_total",
+        "longserve:index_keys_scanned_per_search",
+    ):
+        assert series in text, series
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['longserve:request_success_total{finished_reason="length"}'] >= 1
+    assert values["longserve:generation_tokens_total"] >= 3
+    assert values["longserve:prompt_tokens_total"] >= 1
+    for hist in (
+        "time_to_first_token",
+        "inter_token_latency",
+        "e2e_request_latency",
+        "request_queue_time",
+    ):
+        assert values[f"longserve:{hist}_seconds_count"] >= 1, hist
 
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -46,7 +46,7 @@ def test_32_concurrent_streaming_clients_all_finish(server):
 
 def test_disconnecting_clients_leave_nothing_running(server):
     idle = httpx.get(f"{server.url}/metrics").text
-    idle_device = _metric(idle, 'longserve_kv_cache_bytes{tier="device"}')
+    idle_device = _metric(idle, 'longserve:kv_cache_bytes{tier="device"}')
 
     async def disconnect_after_two_chunks(client: httpx.AsyncClient, i: int) -> int:
         body = {
@@ -74,14 +74,14 @@ def test_disconnecting_clients_leave_nothing_running(server):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = httpx.get(f"{server.url}/metrics").text
-        running = _metric(text, "longserve_num_requests_running")
-        waiting = _metric(text, "longserve_num_requests_waiting")
-        device = _metric(text, 'longserve_kv_cache_bytes{tier="device"}')
+        running = _metric(text, "longserve:num_requests_running")
+        waiting = _metric(text, "longserve:num_requests_waiting")
+        device = _metric(text, 'longserve:kv_cache_bytes{tier="device"}')
         if running == waiting == 0 and device == idle_device:
             break
         time.sleep(0.2)
     assert (running, waiting, device) == (0, 0, idle_device)
-    assert _metric(text, 'longserve_requests_total{outcome="aborted"}') >= 20
+    assert _metric(text, "longserve:request_aborted_total") >= 20
 
 
 def test_health_503_while_loading_then_429_when_queue_full(default_model_dir):
@@ -125,7 +125,7 @@ async def _wait_for_waiting(url: str, count: int, at_most: bool = False) -> None
     async with httpx.AsyncClient() as ac:
         for _ in range(600):
             text = (await ac.get(f"{url}/metrics")).text
-            waiting = _metric(text, "longserve_num_requests_waiting")
+            waiting = _metric(text, "longserve:num_requests_waiting")
             if (waiting <= count) if at_most else (waiting >= count):
                 return
             await asyncio.sleep(0.05)

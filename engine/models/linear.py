@@ -18,6 +18,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+# Rows the packed layout is tuned for. Measured on a 576x3072 product: hint 16 is as fast
+# as hint 1 for one row (285-310 us) and 1.7x faster for 16 rows (384 vs 643 us).
+PACK_BATCH_HINT = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -56,7 +59,7 @@ def pack_linear_weights(module: nn.Module, names: tuple[str, ...]) -> int:
         weight = getattr(module, name, None)
         if weight is None or weight.is_mkldnn or not can_pack(weight):
             continue
-        tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         if name in module._parameters:
             del module._parameters[name]
         setattr(module, name, tensor)

@@ -13,7 +13,13 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.model_config import ModelConfig
 from engine.models import ACTIVATIONS, CausalLM, copy_param, empty_param, take_weights
-from engine.models.linear import can_pack, linear, pack_linear_weights, residual_linear
+from engine.models.linear import (
+    PACK_BATCH_HINT,
+    can_pack,
+    linear,
+    pack_linear_weights,
+    residual_linear,
+)
 from engine.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -163,7 +169,9 @@ class LlamaForCausalLM(CausalLM):
                 layer, ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
             )
         if can_pack(self.lm_head):
-            self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.detach(), 1)
+            self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(
+                self.lm_head.detach(), PACK_BATCH_HINT
+            )
             count += 1
         return count
 

@@ -49,6 +49,8 @@ class ForwardContext:
     head_output_hooks: list[Any] = field(default_factory=list)
     # Hooks on the MLP's intermediate activations: (layer, act[T, I]) -> act.
     mlp_act_hooks: list[Any] = field(default_factory=list)
+    # Per packed token: its sequence's LoFiT bank slot (0 = no adapter), long [T].
+    adapter_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -16,6 +16,8 @@ from engine.attention_backend import AttentionBackend, CacheShape
 from engine.attention_router import AttentionRouter
 from engine.detokenizer import IncrementalDetokenizer
 from engine.full_attention import FullAttentionBackend
+from engine.lofit_adapter import load_adapter
+from engine.lofit_bank import LofitBank
 from engine.model_config import ModelConfig
 from engine.model_files import ModelLoadError, resolve_model_dir, served_model_name
 from engine.model_runner import ModelRunner
@@ -103,7 +105,8 @@ class LLMEngine:
         # The server's mode first: it is the default for requests that name none.
         modes = [config.attention] + [m for m in ATTENTION_MODES if m != config.attention]
         self.router = AttentionRouter(shape, lambda mode: self._make_backend(shape, mode), modes)
-        self.runner = ModelRunner(model, self.router, self.device)
+        self.lofit = LofitBank(model_config, _DTYPES[config.dtype], self.device)
+        self.runner = ModelRunner(model, self.router, self.device, self.lofit)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -199,7 +202,11 @@ class LLMEngine:
         return list(prompt)
 
     def validate_request(
-        self, prompt: str | list[int], params: SamplingParams, attention: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        attention: str | None = None,
+        lofit: str | None = None,
     ) -> list[int]:
         """Check a request without queueing it; returns the prompt's token ids."""
         params.validate()
@@ -207,6 +214,8 @@ class LLMEngine:
         mode = attention or self.config.attention
         if mode not in self.router.modes:
             raise ValueError(f"attention must be one of {self.router.modes}, got {attention!r}")
+        if lofit is not None:
+            self.lofit.slot(lofit)
         self.check_context_length(len(prompt_ids), params.max_tokens)
         for t in params.logit_bias or {}:
             if t >= self.model_config.vocab_size:
@@ -219,12 +228,17 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         attention: str | None = None,
+        lofit: str | None = None,
     ) -> list[int]:
-        """Queue a request (its `n` samples); returns the prompt's token ids."""
+        """Queue a request (its `n` samples); returns the prompt's token ids.
+
+        `lofit` names a loaded LoFiT adapter applied to this request only.
+        """
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.validate_request(prompt, params, attention)
+        prompt_ids = self.validate_request(prompt, params, attention, lofit)
         mode = attention or self.config.attention
+        adapter_slot = 0 if lofit is None else self.lofit.slot(lofit)
         seqs = []
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
@@ -237,12 +251,38 @@ class LLMEngine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params),
                 eos_token_ids=self.eos_token_ids,
                 attention_mode=mode,
+                lofit=lofit,
+                adapter_slot=adapter_slot,
                 generator=make_generator(seed, self.device) if seed is not None else None,
             )
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
         return prompt_ids
+
+    # -- LoFiT adapters -------------------------------------------------------------------
+
+    def load_lofit(self, name: str, path: str, check_base_model: bool = False) -> None:
+        """Load the LoFiT adapter directory at `path` under `name`; ValueError if it is
+        malformed, does not fit the model, or (with `check_base_model`) names another model."""
+        base_model = self.model_name if check_base_model else None
+        self.lofit.register(name, load_adapter(path, self.model_config, base_model))
+
+    def unload_lofit(self, name: str) -> None:
+        """Drop LoFiT adapter `name`; ValueError while an unfinished request uses it."""
+        self.lofit.slot(name)
+        users = sorted(
+            {s.request_id for seqs in self._requests.values() for s in seqs if s.lofit == name}
+        )
+        if users:
+            raise ValueError(
+                f"lofit adapter {name!r} is in use by {len(users)} request(s), e.g. {users[0]!r}"
+            )
+        self.lofit.unregister(name)
+
+    def lofit_adapters(self) -> list[str]:
+        """Names of the loaded LoFiT adapters."""
+        return self.lofit.names()
 
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
         """ValueError when the prompt (plus max_tokens) cannot fit in the context."""

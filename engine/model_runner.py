@@ -6,6 +6,7 @@ import torch
 
 from engine.attention_router import AttentionRouter
 from engine.forward_context import ForwardContext, SequenceSlice
+from engine.lofit_bank import LofitBank
 from engine.models import CausalLM
 from engine.sampler import TokenLogprob, sample
 from engine.sequence import Sequence
@@ -14,10 +15,17 @@ from engine.sequence import Sequence
 class ModelRunner:
     """Owns the model and the attention backends; turns scheduled work into new tokens."""
 
-    def __init__(self, model: CausalLM, router: AttentionRouter, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        router: AttentionRouter,
+        device: torch.device,
+        lofit: LofitBank | None = None,
+    ) -> None:
         self.model = model
         self.router = router
         self.device = device
+        self.lofit = lofit
 
     @torch.inference_mode()
     def step(
@@ -28,6 +36,7 @@ class ModelRunner:
         token_ids: list[int] = []
         positions: list[int] = []
         seq_lens: list[int] = []
+        adapter_slots: list[int] = []
         slices: list[SequenceSlice] = []
         for seq, n in work:
             start = seq.num_computed
@@ -35,11 +44,17 @@ class ModelRunner:
             token_ids.extend(seq.token_slice(start, start + n))
             positions.extend(range(start, start + n))
             seq_lens.extend([start + n] * n)
+            adapter_slots.extend([seq.adapter_slot] * n)
         ctx = ForwardContext(
             slices=slices,
             backend=self.router,
             seq_len_per_token=torch.tensor(seq_lens, device=self.device),
         )
+        if self.lofit is not None and any(seq.adapter_slot for seq, _ in work):
+            ctx.adapter_slots = torch.tensor(adapter_slots, dtype=torch.long, device=self.device)
+            hook = self.lofit.hook(ctx)
+            if hook is not None:
+                ctx.head_output_hooks.append(hook)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, ctx)

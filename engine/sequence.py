@@ -31,6 +31,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     eos_token_ids: frozenset[int]
     attention_mode: str
+    lofit: str | None = None  # the LoFiT adapter's name
+    adapter_slot: int = 0  # its slot in the LoFiT bank; 0 = none
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -48,6 +50,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def cache_key(self) -> tuple[str | None, str]:
+        """What this sequence's KV depends on besides its tokens: an adapter changes every
+        position's hidden state, so caches are only shareable under equal keys."""
+        return (self.lofit, self.attention_mode)
 
     @property
     def num_uncomputed(self) -> int:

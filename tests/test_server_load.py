@@ -130,3 +130,18 @@ async def _wait_for_waiting(url: str, count: int, at_most: bool = False) -> None
                 return
             await asyncio.sleep(0.05)
     pytest.fail(f"the waiting queue never reached {count}")
+
+
+def test_non_streaming_client_that_gives_up_aborts_its_request(server):
+    before = _metric(httpx.get(f"{server.url}/metrics").text, "longserve:request_aborted_total")
+    body = {"prompt": "Tell me everything", "max_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server.url}/metrics").text
+        if _metric(text, "longserve:num_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    assert _metric(text, "longserve:num_requests_running") == 0
+    assert _metric(text, "longserve:request_aborted_total") == before + 1

@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import StepOutput
+from engine.request_options import RequestOptions
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class AsyncEngine:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams,
-        attention: str | None = None,
+        options: RequestOptions | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Add a request and yield its deltas until every sample finishes.
 
@@ -64,7 +65,10 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt, params, attention)
+                opts = options or RequestOptions()
+                self.engine.add_request(
+                    request_id, prompt, params, attention=opts.attention, lofit=opts.lofit
+                )
                 self._streams[request_id] = stream
                 future.set_result(None)
             except BaseException as exc:  # noqa: BLE001 - handed back to the caller

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.model_files import DEFAULT_MODEL_NAME, ModelLoadError
+from engine.request_options import RequestOptions
 from server import __version__, completions
 from server.auth import APIKeyMiddleware
 from server.errors import APIError, error_response, install_error_handlers
@@ -36,6 +37,7 @@ class ServerConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     max_waiting_requests: int = 256
+    lofit_adapters: dict[str, str] = field(default_factory=dict)  # name -> directory
 
 
 class ServerState:
@@ -62,6 +64,13 @@ class ServerState:
             return
         if self.config.served_model_name is None:
             self.model_name = engine.model_name
+        try:
+            for name, path in self.config.lofit_adapters.items():
+                engine.load_lofit(name, path)
+                logger.info("Loaded LoFiT adapter %s from %s", name, path)
+        except (OSError, ValueError) as exc:
+            self._failed(f"cannot load LoFiT adapter: {exc}")
+            return
         self.metrics.bind(engine)
         self.engine = AsyncEngine(engine)
         logger.info("Ready: serving %s", self.model_name)
@@ -79,6 +88,21 @@ class ServerState:
             reason = self.load_error or "the model is still loading"
             raise APIError(503, f"server not ready: {reason}")
         return self.engine
+
+    def request_options(self, body) -> RequestOptions:
+        """Attention mode and adapter of a generation request; the model may name an
+        adapter as `<base>:<adapter>` (404 for unknown models and adapters)."""
+        lofit = body.lofit
+        model = body.model
+        if model and ":" in model and model != self.model_name:
+            model, named = model.split(":", 1)
+            if lofit is not None and lofit != named:
+                raise APIError(400, "model and lofit name different adapters", "lofit")
+            lofit = named
+        self.check_model(model)
+        if lofit is not None and lofit not in self.ready_engine().engine.lofit_adapters():
+            raise APIError(404, f"adapter {lofit!r} does not exist", "model", "model_not_found")
+        return RequestOptions(attention=body.attention, lofit=lofit)
 
     def check_model(self, requested: str | None) -> None:
         if requested not in (None, "", self.model_name):
@@ -131,6 +155,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.get("/v1/models")
     async def models() -> dict:
+        adapters = state.engine.engine.lofit_adapters() if state.engine else []
         return {
             "object": "list",
             "data": [
@@ -143,6 +168,17 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                     "parent": None,
                     "max_model_len": state.engine.engine.max_model_len if state.engine else None,
                 }
+            ]
+            + [
+                {
+                    "id": f"{state.model_name}:{name}",
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "longserve",
+                    "root": name,
+                    "parent": state.model_name,
+                }
+                for name in adapters
             ],
         }
 

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--max-waiting-requests", int, 256, "queue length beyond which requests get 429")
     _add(serve, "--log-level", str, "info", "log level")
     _add(serve, "--drain-timeout", float, 30.0, "seconds to finish running requests on SIGTERM")
+    serve.add_argument(
+        "--lofit",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="load a LoFiT adapter at start (repeatable); select it with model '<base>:NAME'",
+    )
     _add_engine_flags(serve)
 
     for name, help in (("generate", "complete a prompt"), ("chat", "chat with the model")):
@@ -125,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         max_waiting_requests=args.max_waiting_requests,
+        lofit_adapters=_parse_adapters(args.lofit),
     )
     app = create_app(config)
     uv_config = uvicorn.Config(
@@ -140,6 +148,16 @@ def _serve(args: argparse.Namespace) -> int:
         print("error: " + " ".join(error.split()), file=sys.stderr)
         return 1
     return 0
+
+
+def _parse_adapters(specs: list[str]) -> dict[str, str]:
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lofit expects NAME=DIR, got {spec!r}")
+        adapters[name] = path
+    return adapters
 
 
 def _drain_then_exit(server: Any, state: Any, timeout: float) -> None:

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.request_options import RequestOptions
 from engine.sampler import TokenLogprob
 from engine.tokenizer import render_chat
 from server.errors import APIError, error_body
@@ -52,10 +53,12 @@ def _sampling(body, max_tokens: int | None, logprobs: int | None):
         raise as_api_error(exc) from exc
 
 
-async def _validate(engine: AsyncEngine, prompt, params, attention: str | None) -> None:
+async def _validate(engine: AsyncEngine, prompt, params, options: RequestOptions) -> None:
     """Reject bad input with a status code before a stream's 200 header goes out."""
     try:
-        await engine.prepare(lambda e: e.validate_request(prompt, params, attention))
+        await engine.prepare(
+            lambda e: e.validate_request(prompt, params, options.attention, options.lofit)
+        )
     except (ValueError, EngineDeadError) as exc:
         raise as_api_error(exc) from exc
 
@@ -128,7 +131,7 @@ async def _sse_stream(events: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 async def completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     engine = state.ready_engine()
-    state.check_model(body.model)
+    options = state.request_options(body)
     state.check_capacity()
     if body.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
@@ -149,11 +152,11 @@ async def completion(state: ServerState, body: CompletionRequest, request: Reque
         return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
 
     for prompt in prompts:
-        await _validate(engine, prompt, params, body.attention)
+        await _validate(engine, prompt, params, options)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streams = [
-            stream_prompt(engine, f"{request_id}-{i}", p, params, body.attention, state.metrics)
+            stream_prompt(engine, f"{request_id}-{i}", p, params, options, state.metrics)
             for i, p in enumerate(prompts)
         ]
 
@@ -203,7 +206,7 @@ async def completion(state: ServerState, body: CompletionRequest, request: Reque
         return StreamingResponse(_sse_stream(events()), media_type="text/event-stream")
 
     results = await collect_all(
-        request, engine, request_id, prompts, params, body.attention, state.metrics
+        request, engine, request_id, prompts, params, options, state.metrics
     )
     choices, prompt_total, completion_total = [], 0, 0
     for i, result in enumerate(results):
@@ -250,7 +253,7 @@ async def chat_completion(
     state: ServerState, body: ChatCompletionRequest, request: Request
 ) -> Response:
     engine = state.ready_engine()
-    state.check_model(body.model)
+    options = state.request_options(body)
     state.check_capacity()
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
@@ -261,12 +264,10 @@ async def chat_completion(
     request_id = new_request_id("chatcmpl")
     created = int(time.time())
 
-    await _validate(engine, prompt_ids, params, body.attention)
+    await _validate(engine, prompt_ids, params, options)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = stream_prompt(
-            engine, request_id, prompt_ids, params, body.attention, state.metrics
-        )
+        stream = stream_prompt(engine, request_id, prompt_ids, params, options, state.metrics)
 
         def chunk(choices: list[dict], **extra: Any) -> dict:
             return {
@@ -313,7 +314,7 @@ async def chat_completion(
         return StreamingResponse(_sse_stream(events()), media_type="text/event-stream")
 
     [result] = await collect_all(
-        request, engine, request_id, [prompt_ids], params, body.attention, state.metrics
+        request, engine, request_id, [prompt_ids], params, options, state.metrics
     )
     choices = [
         {

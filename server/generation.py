@@ -13,6 +13,7 @@ from fastapi import Request
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.llm_engine import ContextLengthExceededError
 from engine.outputs import StepOutput
+from engine.request_options import RequestOptions
 from engine.sampler import TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.errors import APIError
@@ -59,14 +60,14 @@ async def stream_prompt(
     request_id: str,
     prompt: str | list[int],
     params: SamplingParams,
-    attention: str | None,
+    options: RequestOptions,
     metrics: Metrics | None = None,
 ) -> AsyncIterator[StepOutput]:
     """Deltas of one prompt's samples; engine errors become APIError."""
     timer = RequestTimer(metrics, time.monotonic()) if metrics is not None else None
     completed = False
     try:
-        async for delta in engine.generate(request_id, prompt, params, attention):
+        async for delta in engine.generate(request_id, prompt, params, options):
             if timer is not None:
                 timer.token(
                     time.monotonic(),
@@ -88,13 +89,13 @@ async def collect_prompt(
     request_id: str,
     prompt: str | list[int],
     params: SamplingParams,
-    attention: str | None,
+    options: RequestOptions,
     metrics: Metrics | None = None,
 ) -> PromptResult:
     """Run one prompt to completion and gather its samples."""
     choices = [Choice(index=i) for i in range(params.n)]
     prompt_tokens = 0
-    async for delta in stream_prompt(engine, request_id, prompt, params, attention, metrics):
+    async for delta in stream_prompt(engine, request_id, prompt, params, options, metrics):
         prompt_tokens = delta.num_prompt_tokens
         choice = choices[delta.index]
         choice.text += delta.text
@@ -112,13 +113,13 @@ async def collect_all(
     request_id: str,
     prompts: list[str | list[int]],
     params: SamplingParams,
-    attention: str | None,
+    options: RequestOptions,
     metrics: Metrics | None = None,
 ) -> list[PromptResult]:
     """Run every prompt concurrently; abort all of them if the client goes away."""
     tasks = [
         asyncio.create_task(
-            collect_prompt(engine, f"{request_id}-{i}", p, params, attention, metrics)
+            collect_prompt(engine, f"{request_id}-{i}", p, params, options, metrics)
         )
         for i, p in enumerate(prompts)
     ]

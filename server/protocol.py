@@ -45,6 +45,7 @@ class _GenerationRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     attention: Literal["full", "retrieval", "streaming"] | None = None
+    lofit: str | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 

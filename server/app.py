@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +26,7 @@ from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadAdapterRequest,
     TokenizeRequest,
 )
 
@@ -38,6 +40,8 @@ class ServerConfig:
     served_model_name: str | None = None
     max_waiting_requests: int = 256
     lofit_adapters: dict[str, str] = field(default_factory=dict)  # name -> directory
+    allow_adapter_updates: bool = False
+    adapter_dir: str | None = None  # runtime loads only from under this directory
 
 
 class ServerState:
@@ -103,6 +107,21 @@ class ServerState:
         if lofit is not None and lofit not in self.ready_engine().engine.lofit_adapters():
             raise APIError(404, f"adapter {lofit!r} does not exist", "model", "model_not_found")
         return RequestOptions(attention=body.attention, lofit=lofit)
+
+    def check_updates_allowed(self) -> None:
+        if not self.config.allow_adapter_updates:
+            raise APIError(403, "adapter updates are disabled; start with --allow-adapter-updates")
+
+    def adapter_path(self, requested: str) -> Path:
+        """The adapter directory for a runtime load: must resolve inside --adapter-dir."""
+        self.check_updates_allowed()
+        if not self.config.adapter_dir:
+            raise APIError(403, "no --adapter-dir configured for runtime adapter loads")
+        root = Path(self.config.adapter_dir).resolve()
+        path = (root / requested).resolve()
+        if not path.is_relative_to(root):
+            raise APIError(400, "path must stay inside the server's adapter directory", "path")
+        return path
 
     def check_model(self, requested: str | None) -> None:
         if requested not in (None, "", self.model_name):
@@ -199,6 +218,32 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
             return await completions.chat_completion(state, body, request)
         except APIError as exc:
             return error_response(exc)
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: LoadAdapterRequest) -> Response:
+        engine = state.ready_engine()
+        path = state.adapter_path(body.path)
+        if body.name in engine.engine.lofit_adapters():
+            raise APIError(400, f"adapter {body.name!r} is already loaded", "name")
+        try:
+            await engine.prepare(lambda e: e.load_lofit(body.name, str(path)))
+        except (OSError, ValueError) as exc:
+            raise APIError(400, f"cannot load adapter: {exc}", "path") from exc
+        logger.info("Loaded LoFiT adapter %s from %s", body.name, path)
+        return JSONResponse({"id": f"{state.model_name}:{body.name}", "object": "model"})
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str) -> Response:
+        engine = state.ready_engine()
+        state.check_updates_allowed()
+        if name not in engine.engine.lofit_adapters():
+            raise APIError(404, f"adapter {name!r} does not exist", "name", "model_not_found")
+        try:
+            await engine.prepare(lambda e: e.unload_lofit(name))
+        except ValueError as exc:
+            raise APIError(400, str(exc), "name") from exc
+        logger.info("Unloaded LoFiT adapter %s", name)
+        return JSONResponse({"id": f"{state.model_name}:{name}", "deleted": True})
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         help="load a LoFiT adapter at start (repeatable); select it with model '<base>:NAME'",
     )
+    serve.add_argument(
+        "--allow-adapter-updates",
+        action="store_true",
+        default=os.environ.get("LONGSERVE_ALLOW_ADAPTER_UPDATES", "") not in ("", "0", "false"),
+        help="enable POST /v1/adapters and DELETE /v1/adapters/{name}",
+    )
+    _add(serve, "--adapter-dir", str, None, "runtime adapter loads only from under this directory")
     _add_engine_flags(serve)
 
     for name, help in (("generate", "complete a prompt"), ("chat", "chat with the model")):
@@ -133,6 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         max_waiting_requests=args.max_waiting_requests,
         lofit_adapters=_parse_adapters(args.lofit),
+        allow_adapter_updates=args.allow_adapter_updates,
+        adapter_dir=args.adapter_dir,
     )
     app = create_app(config)
     uv_config = uvicorn.Config(

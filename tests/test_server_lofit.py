@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 import torch
@@ -96,3 +97,43 @@ def test_unknown_adapter_is_an_openai_shaped_404(lofit_server):
     with pytest.raises(openai.NotFoundError):
         _complete(client, BASE, lofit="gamma")
     assert _complete(client, BASE).text  # still serving
+
+
+def test_runtime_adapter_updates_are_refused_unless_enabled(lofit_server, tmp_path):
+    r = httpx.post(f"{lofit_server.url}/v1/adapters", json={"name": "x", "path": str(tmp_path)})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert httpx.delete(f"{lofit_server.url}/v1/adapters/alpha").status_code == 403
+
+
+def test_runtime_load_and_unload_from_the_adapter_dir(tmp_path, default_model_dir):
+    root = tmp_path / "adapters"
+    save_adapter(_random_adapter(5), root / "gamma")
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    save_adapter(_random_adapter(6), tmp_path / "outside")
+    with ServerProcess(
+        "--allow-adapter-updates", "--adapter-dir", str(root), "--max-model-len", "512"
+    ) as proc:
+        url = f"{proc.url}/v1/adapters"
+        client = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            _complete(client, f"{BASE}:gamma")
+        assert httpx.post(url, json={"name": "gamma", "path": "gamma"}).status_code == 200
+        assert f"{BASE}:gamma" in {m.id for m in client.models.list().data}
+        assert _complete(client, f"{BASE}:gamma").text != _complete(client, BASE).text
+        for body, status in (
+            ({"name": "gamma", "path": "gamma"}, 400),  # already loaded
+            ({"name": "evil", "path": "../outside"}, 400),  # path traversal
+            ({"name": "evil", "path": str(tmp_path / "outside")}, 400),  # absolute, outside
+            ({"name": "bad", "path": "broken"}, 400),  # malformed files
+            ({"name": "none", "path": "missing"}, 400),
+            ({"name": "bad/name", "path": "gamma"}, 400),
+        ):
+            r = httpx.post(url, json=body)
+            assert r.status_code == status, (body, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert httpx.delete(f"{url}/unknown").status_code == 404
+        assert httpx.delete(f"{url}/gamma").status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            _complete(client, f"{BASE}:gamma")
+        assert _complete(client, BASE).text

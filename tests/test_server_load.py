@@ -144,4 +144,4 @@ def test_non_streaming_client_that_gives_up_aborts_its_request(server):
             break
         time.sleep(0.2)
     assert _metric(text, "longserve:num_requests_running") == 0
-    assert _metric(text, "longserve:request_aborted_total") == before + 1
+    assert _metric(text, "longserve:request_aborted_total") >= before + 1

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.base import SearchResult, StoreBackedIndex, validate_positive
+from retrieval.base import PositiveInt, SearchResult, StoreBackedIndex, validate_positive
 from retrieval.exact import readonly
 from retrieval.graph_kernels import (
     add_reverse_projection,
@@ -90,6 +90,7 @@ class AttentionAwareIndex(StoreBackedIndex):
 
     kind = "attention-aware"
     tunables = ("ef",)
+    ef = PositiveInt()
 
     def __init__(
         self,
@@ -128,14 +129,6 @@ class AttentionAwareIndex(StoreBackedIndex):
         # Sample queries kept to guide incremental adds, with their top-list cut-offs.
         self._guide_q = np.zeros((0, dim), dtype=np.float32)
         self._guide_cutoff = np.zeros(0, dtype=np.float32)
-
-    @property
-    def ef(self) -> int:
-        return self._ef
-
-    @ef.setter
-    def ef(self, value: int) -> None:
-        self._ef = validate_positive("ef", value)
 
     @property
     def entries(self) -> np.ndarray:

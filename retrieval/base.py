@@ -160,3 +160,19 @@ def validate_positive(name: str, value: int) -> int:
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+class PositiveInt:
+    """A search-effort attribute (ef, nprobe) validated as a positive int when set.
+
+    The value lives in `_<name>` on the instance, where the search code reads it.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj: object, owner: type | None = None) -> int:
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj: object, value: int) -> None:
+        setattr(obj, self.slot, validate_positive(self.name, value))

@@ -13,7 +13,7 @@ import threading
 import faiss
 import numpy as np
 
-from retrieval.base import KeyIndex, SearchResult, pad_result, validate_positive
+from retrieval.base import KeyIndex, PositiveInt, SearchResult, pad_result, validate_positive
 from retrieval.key_store import as_key_matrix
 
 # faiss.cvar.hnsw_stats is one process-wide counter; this keeps reset/search/read atomic.
@@ -70,6 +70,7 @@ class FaissIVFIndex(_FaissIndex):
 
     kind = "faiss-ivf"
     tunables = ("nprobe",)
+    nprobe = PositiveInt()
 
     def __init__(self, dim: int, nlist: int | None = None, nprobe: int = 16, seed: int = 1234):
         super().__init__(dim)
@@ -77,14 +78,6 @@ class FaissIVFIndex(_FaissIndex):
         self.nprobe = nprobe
         self._seed = seed
         self._list_sizes = np.zeros(0, dtype=np.int64)
-
-    @property
-    def nprobe(self) -> int:
-        return self._nprobe
-
-    @nprobe.setter
-    def nprobe(self, value: int) -> None:
-        self._nprobe = validate_positive("nprobe", value)
 
     @property
     def nlist(self) -> int | None:
@@ -140,6 +133,7 @@ class FaissHNSWIndex(_FaissIndex):
 
     kind = "faiss-hnsw"
     tunables = ("ef",)
+    ef = PositiveInt()
 
     def __init__(self, dim: int, M: int = 32, ef_construction: int = 100, ef: int = 100):
         super().__init__(dim)
@@ -148,14 +142,6 @@ class FaissHNSWIndex(_FaissIndex):
         )
         self._index.hnsw.efConstruction = validate_positive("ef_construction", ef_construction)
         self.ef = ef
-
-    @property
-    def ef(self) -> int:
-        return self._ef
-
-    @ef.setter
-    def ef(self, value: int) -> None:
-        self._ef = validate_positive("ef", value)
 
     def add(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         self._index.add(as_key_matrix(keys, self.dim))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hnswlib
 import numpy as np
 
-from retrieval.base import KeyIndex, SearchResult, pad_result, validate_positive
+from retrieval.base import KeyIndex, PositiveInt, SearchResult, pad_result, validate_positive
 from retrieval.key_store import as_key_matrix
 
 
@@ -22,6 +22,7 @@ class HnswlibIndex(KeyIndex):
 
     kind = "hnswlib"
     tunables = ("ef",)
+    ef = PositiveInt()
 
     def __init__(
         self,
@@ -44,14 +45,6 @@ class HnswlibIndex(KeyIndex):
             random_seed=seed,
         )
         self.ef = ef
-
-    @property
-    def ef(self) -> int:
-        return self._ef
-
-    @ef.setter
-    def ef(self, value: int) -> None:
-        self._ef = validate_positive("ef", value)
 
     @property
     def size(self) -> int:

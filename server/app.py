@@ -20,7 +20,7 @@ from engine.model_files import DEFAULT_MODEL_NAME, ModelLoadError
 from engine.request_options import RequestOptions
 from server import __version__, completions
 from server.auth import APIKeyMiddleware
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import APIError, install_error_handlers
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -207,17 +207,11 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
-        try:
-            return await completions.completion(state, body, request)
-        except APIError as exc:
-            return error_response(exc)
+        return await completions.completion(state, body, request)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-        try:
-            return await completions.chat_completion(state, body, request)
-        except APIError as exc:
-            return error_response(exc)
+        return await completions.chat_completion(state, body, request)
 
     @app.post("/v1/adapters")
     async def load_adapter(body: LoadAdapterRequest) -> Response:

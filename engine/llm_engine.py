@@ -19,16 +19,14 @@ from engine.full_attention import FullAttentionBackend
 from engine.lofit_adapter import load_adapter
 from engine.lofit_bank import LofitBank
 from engine.model_config import ModelConfig
-from engine.model_files import ModelLoadError, resolve_model_dir, served_model_name
+from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
-from engine.models import build_model
 from engine.outputs import StepOutput
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
-from engine.tokenizer import eos_token_ids, load_tokenizer
-from engine.weights import load_safetensors_dir
+from engine.tokenizer import eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -129,32 +127,10 @@ class LLMEngine:
         config.validate()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        start = time.monotonic()
-        model_dir = resolve_model_dir(config.model)
-        try:
-            model_config = ModelConfig.from_dir(model_dir)
-        except Exception as exc:  # a malformed config fails in many ways
-            raise ModelLoadError(f"cannot read model config in {model_dir}: {exc}") from exc
-        tokenizer = load_tokenizer(model_dir)
-        model = build_model(model_config, dtype=_DTYPES[config.dtype], device=config.device)
-        try:
-            model.load_hf_state_dict(load_safetensors_dir(model_dir))
-        except Exception as exc:  # truncated or mismatched files fail in many ways
-            raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
-        model.eval()
+        loaded = load_model(config.model, _DTYPES[config.dtype], config.device)
         if config.pack_weights and config.device == "cpu":
-            model.pack_weights()
-        logger.info(
-            "Loaded %s (%s, %d layers) from %s in %.1f s",
-            model_dir.name,
-            model_config.architecture,
-            model_config.num_layers,
-            model_dir,
-            time.monotonic() - start,
-        )
-        return cls(
-            config, model, model_config, tokenizer, served_model_name(config.model, model_dir)
-        )
+            loaded.model.pack_weights()
+        return cls(config, loaded.model, loaded.config, loaded.tokenizer, loaded.name)
 
     def _make_backend(self, shape: CacheShape, mode: str) -> AttentionBackend:
         if mode == "full":

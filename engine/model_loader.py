@@ -1,0 +1,57 @@
+"""Load a model directory into our own implementation: config, tokenizer and weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.model_config import ModelConfig
+from engine.model_files import ModelLoadError, resolve_model_dir, served_model_name
+from engine.models import CausalLM, build_model
+from engine.tokenizer import load_tokenizer
+from engine.weights import load_safetensors_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    tokenizer: Any
+    model_dir: Path
+    name: str  # the name clients (and adapters' base_model) use for it
+
+
+def load_model(
+    model: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> LoadedModel:
+    """Load `model` (None/alias for the default model, or a local directory) in eval mode;
+    ModelLoadError with one clear line for anything missing or corrupt."""
+    start = time.monotonic()
+    model_dir = resolve_model_dir(model)
+    try:
+        model_config = ModelConfig.from_dir(model_dir)
+    except Exception as exc:  # a malformed config fails in many ways
+        raise ModelLoadError(f"cannot read model config in {model_dir}: {exc}") from exc
+    tokenizer = load_tokenizer(model_dir)
+    net = build_model(model_config, dtype=dtype, device=device)
+    try:
+        net.load_hf_state_dict(load_safetensors_dir(model_dir))
+    except Exception as exc:  # truncated or mismatched files fail in many ways
+        raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
+    net.eval()
+    logger.info(
+        "Loaded %s (%s, %d layers) from %s in %.1f s",
+        model_dir.name,
+        model_config.architecture,
+        model_config.num_layers,
+        model_dir,
+        time.monotonic() - start,
+    )
+    return LoadedModel(net, model_config, tokenizer, model_dir, served_model_name(model, model_dir))

@@ -64,10 +64,17 @@ class AsyncEngine:
         future: Future = Future()
 
         def add() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the caller was cancelled before the engine thread got here
             try:
                 opts = options or RequestOptions()
                 self.engine.add_request(
-                    request_id, prompt, params, attention=opts.attention, lofit=opts.lofit
+                    request_id,
+                    prompt,
+                    params,
+                    attention=opts.attention,
+                    lofit=opts.lofit,
+                    bias_correction=opts.bias_correction,
                 )
                 self._streams[request_id] = stream
                 future.set_result(None)
@@ -75,7 +82,11 @@ class AsyncEngine:
                 future.set_exception(exc)
 
         self._send(add)
-        await asyncio.wrap_future(future)
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.abort(request_id)  # harmless if it was never added
+            raise
         finished = False
         try:
             while True:
@@ -96,6 +107,8 @@ class AsyncEngine:
         future: Future = Future()
 
         def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the caller was cancelled; setting a result would raise here
             try:
                 future.set_result(fn(self.engine))
             except BaseException as exc:  # noqa: BLE001

@@ -51,6 +51,8 @@ class ForwardContext:
     mlp_act_hooks: list[Any] = field(default_factory=list)
     # Per packed token: its sequence's LoFiT bank slot (0 = no adapter), long [T].
     adapter_slots: torch.Tensor | None = None
+    # Per packed token: its sequence's bias-correction slot (0 = none), long [T].
+    bias_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

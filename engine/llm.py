@@ -28,11 +28,14 @@ class LLM:
         use_tqdm: bool = False,
         attention: str | None = None,
         lofit: str | None = None,
+        bias_correction: str | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in prompt order.
 
         A prompt is text or a list of token ids; `lofit` names a loaded LoFiT adapter
-        (see `self.engine.load_lofit`). Invalid input raises ValueError before anything runs.
+        (see `self.engine.load_lofit`) and `bias_correction` a loaded bias profile's
+        correction (see `self.engine.load_bias_profile`). Invalid input raises ValueError
+        before anything runs.
         """
         params = params or SamplingParams()
         batch = _as_prompt_list(prompts)
@@ -41,7 +44,9 @@ class LLM:
         try:
             for prompt in batch:
                 request_id = f"offline-{next(self._ids)}"
-                prompt_ids = self.engine.add_request(request_id, prompt, params, attention, lofit)
+                prompt_ids = self.engine.add_request(
+                    request_id, prompt, params, attention, lofit, bias_correction
+                )
                 results[request_id] = RequestOutput(
                     request_id=request_id,
                     prompt=prompt if isinstance(prompt, str) else None,

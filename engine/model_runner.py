@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention_router import AttentionRouter
+from engine.bias_bank import BiasBank
 from engine.forward_context import ForwardContext, SequenceSlice
 from engine.lofit_bank import LofitBank
 from engine.models import CausalLM
@@ -21,11 +22,13 @@ class ModelRunner:
         router: AttentionRouter,
         device: torch.device,
         lofit: LofitBank | None = None,
+        bias: BiasBank | None = None,
     ) -> None:
         self.model = model
         self.router = router
         self.device = device
         self.lofit = lofit
+        self.bias = bias
 
     @torch.inference_mode()
     def step(
@@ -33,10 +36,23 @@ class ModelRunner:
     ) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         """Run the forward pass for `work`; return (sequence, token, logprob) for each
         sequence whose tokens are now all computed (so it samples its next token)."""
+        seqs, logits = self.forward_logits(work)
+        if not seqs:
+            return []
+        tokens, logprobs = sample(logits, [seq.sampling_row() for seq in seqs])
+        return list(zip(seqs, tokens, logprobs, strict=True))
+
+    @torch.inference_mode()
+    def forward_logits(
+        self, work: list[tuple[Sequence, int]]
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """Run the forward pass for `work`; return the sequences whose tokens are now all
+        computed and their next-token logits [B, V] (float32, after any prior correction)."""
         token_ids: list[int] = []
         positions: list[int] = []
         seq_lens: list[int] = []
         adapter_slots: list[int] = []
+        bias_slots: list[int] = []
         slices: list[SequenceSlice] = []
         for seq, n in work:
             start = seq.num_computed
@@ -45,6 +61,7 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             seq_lens.extend([start + n] * n)
             adapter_slots.extend([seq.adapter_slot] * n)
+            bias_slots.extend([seq.bias_slot] * n)
         ctx = ForwardContext(
             slices=slices,
             backend=self.router,
@@ -55,6 +72,13 @@ class ModelRunner:
             hook = self.lofit.hook(ctx)
             if hook is not None:
                 ctx.head_output_hooks.append(hook)
+        if self.bias is not None and any(seq.bias_slot for seq, _ in work):
+            ctx.bias_slots = torch.tensor(bias_slots, dtype=torch.long, device=self.device)
+            head_hook, mlp_hook = self.bias.hooks(ctx)
+            if head_hook is not None:
+                ctx.head_output_hooks.append(head_hook)
+            if mlp_hook is not None:
+                ctx.mlp_act_hooks.append(mlp_hook)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, ctx)
@@ -64,9 +88,11 @@ class ModelRunner:
         ]
         for seq, n in work:
             seq.num_computed += n
+        seqs = [seq for _, seq in sampling]
         if not sampling:
-            return []
+            return seqs, hidden.new_empty(0, 0)
         last = torch.tensor([slices[i].end - 1 for i, _ in sampling], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last)).float()
-        tokens, logprobs = sample(logits, [seq.sampling_row() for _, seq in sampling])
-        return [(seq, t, lp) for (_, seq), t, lp in zip(sampling, tokens, logprobs, strict=True)]
+        if self.bias is not None:
+            logits = self.bias.adjust_logits(logits, [seq.bias_slot for seq in seqs])
+        return seqs, logits

@@ -1,4 +1,4 @@
-"""Per-request engine choices beyond sampling: attention mode and LoFiT adapter."""
+"""Per-request engine choices beyond sampling: attention mode, LoFiT adapter, bias correction."""
 
 from __future__ import annotations
 
@@ -9,3 +9,4 @@ from dataclasses import dataclass
 class RequestOptions:
     attention: str | None = None  # None: the server's mode
     lofit: str | None = None  # name of a loaded LoFiT adapter
+    bias_correction: str | None = None  # "anchored", "prior", or "<mode>:<profile>"

@@ -40,6 +40,7 @@ class ServerConfig:
     served_model_name: str | None = None
     max_waiting_requests: int = 256
     lofit_adapters: dict[str, str] = field(default_factory=dict)  # name -> directory
+    bias_profiles: dict[str, str] = field(default_factory=dict)  # name -> directory
     allow_adapter_updates: bool = False
     adapter_dir: str | None = None  # runtime loads only from under this directory
 
@@ -75,6 +76,13 @@ class ServerState:
         except (OSError, ValueError) as exc:
             self._failed(f"cannot load LoFiT adapter: {exc}")
             return
+        try:
+            for name, path in self.config.bias_profiles.items():
+                engine.load_bias_profile(name, path)
+                logger.info("Loaded bias profile %s from %s", name, path)
+        except (OSError, ValueError) as exc:
+            self._failed(f"cannot load bias profile: {exc}")
+            return
         self.metrics.bind(engine)
         self.engine = AsyncEngine(engine)
         logger.info("Ready: serving %s", self.model_name)
@@ -106,7 +114,13 @@ class ServerState:
         self.check_model(model)
         if lofit is not None and lofit not in self.ready_engine().engine.lofit_adapters():
             raise APIError(404, f"adapter {lofit!r} does not exist", "model", "model_not_found")
-        return RequestOptions(attention=body.attention, lofit=lofit)
+        bias = body.bias_correction
+        if bias is not None:
+            try:
+                self.ready_engine().engine.bias.resolve(bias)
+            except ValueError as exc:
+                raise APIError(400, str(exc), "bias_correction") from exc
+        return RequestOptions(attention=body.attention, lofit=lofit, bias_correction=bias)
 
     def check_updates_allowed(self) -> None:
         if not self.config.allow_adapter_updates:

@@ -57,7 +57,9 @@ async def _validate(engine: AsyncEngine, prompt, params, options: RequestOptions
     """Reject bad input with a status code before a stream's 200 header goes out."""
     try:
         await engine.prepare(
-            lambda e: e.validate_request(prompt, params, options.attention, options.lofit)
+            lambda e: e.validate_request(
+                prompt, params, options.attention, options.lofit, options.bias_correction
+            )
         )
     except (ValueError, EngineDeadError) as exc:
         raise as_api_error(exc) from exc

@@ -46,6 +46,7 @@ class _GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     attention: Literal["full", "retrieval", "streaming"] | None = None
     lofit: str | None = None
+    bias_correction: str | None = None  # "anchored", "prior", or "<mode>:<profile>"
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 

@@ -202,7 +202,7 @@ def test_unload_refused_while_in_use_and_unknown_names(engine, tmp_path):
     engine.add_request("busy-1", _prompt(6, 61), params, lofit="busy")
     seq = engine._requests["busy-1"][0]
     assert seq.adapter_slot == engine.lofit.slot("busy")
-    assert seq.cache_key == ("busy", "full")
+    assert seq.cache_key == ("busy", "full", None)
     engine.step()
     with pytest.raises(ValueError, match="in use"):
         engine.unload_lofit("busy")

@@ -1,4 +1,4 @@
-"""`longserve` command line: serve, generate, chat."""
+"""`longserve` command line: serve, generate, chat, bench, lofit, bias, eval."""
 
 from __future__ import annotations
 
@@ -16,6 +16,22 @@ from engine.llm_engine import ATTENTION_MODES, EngineConfig
 from engine.model_files import ModelLoadError, resolve_model_dir
 
 logger = logging.getLogger("longserve")
+
+
+def parse_bytes(value: str | int) -> int:
+    """A byte count: an integer, optionally with a unit (KB, MB, GB; KiB, MiB, GiB)."""
+    text = str(value).strip()
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    units |= {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+    number = text.rstrip("bBiIkKmMgGtT")
+    unit = text[len(number) :].lower().removesuffix("b")
+    try:
+        if unit not in units or float(number) < 0:
+            raise ValueError
+        return int(float(number) * units[unit])
+    except (ValueError, OverflowError):
+        raise ValueError(f"not a byte size: {text!r} (e.g. 2GiB, 500MB, 1048576)") from None
+
 
 # Engine flags shared by every subcommand: (flag, type, default, help).
 _ENGINE_FLAGS: list[tuple[str, type, Any, str]] = [
@@ -36,6 +52,34 @@ _ENGINE_FLAGS: list[tuple[str, type, Any, str]] = [
     ),
     ("--index-options", json.loads, {}, "index options as JSON, e.g. '{\"ef\": 64}'"),
     ("--num-threads", int, None, "torch CPU threads (default: all cores)"),
+    (
+        "--prefix-cache-bytes",
+        parse_bytes,
+        2 << 30,
+        "document (prefix) cache limit, e.g. 4GiB or 500MB (0: off)",
+    ),
+]
+
+
+# Scale-out on Ray Serve (server/ray_serve.py; needs `pip install 'longserve[ray]'`).
+_RAY_FLAGS: list[tuple[str, type, Any, str]] = [
+    ("--ray-replicas", int, 0, "serve N engine replicas on Ray Serve (0: one plain process)"),
+    ("--ray-min-replicas", int, None, "autoscaling lower bound (default: --ray-replicas)"),
+    ("--ray-max-replicas", int, None, "autoscaling upper bound (default: --ray-replicas)"),
+    (
+        "--ray-target-ongoing-requests",
+        float,
+        None,
+        "autoscale to keep running+queued requests per replica near this (default: max-num-seqs)",
+    ),
+    ("--ray-replica-cpus", float, 1.0, "CPUs Ray reserves for each replica"),
+    (
+        "--ray-affinity-chars",
+        int,
+        2048,
+        "prompts this long route by a hash of their first this-many characters",
+    ),
+    ("--ray-address", str, "local", "'local' starts a private Ray; 'auto' or HOST:PORT joins one"),
 ]
 
 
@@ -59,6 +103,12 @@ def _add(parser: argparse.ArgumentParser, flag: str, kind: type, default: Any, h
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for flag, kind, default, help in _ENGINE_FLAGS:
         _add(parser, flag, kind, default, help)
+    parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        default=os.environ.get("LONGSERVE_NO_PREFIX_CACHE", "") not in ("", "0", "false"),
+        help="turn the document (prefix) cache off (env: LONGSERVE_NO_PREFIX_CACHE=1)",
+    )
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -76,6 +126,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         index=args.index,
         index_options=args.index_options,
         num_threads=args.num_threads,
+        prefix_cache_bytes=0 if args.no_prefix_cache else args.prefix_cache_bytes,
     )
 
 
@@ -100,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--lofit",
         action="append",
-        default=[],
+        default=[s for s in os.environ.get("LONGSERVE_LOFIT", "").split(",") if s],
         metavar="NAME=DIR",
-        help="load a LoFiT adapter at start (repeatable); select it with model '<base>:NAME'",
+        help="load a LoFiT adapter at start (repeatable; env: LONGSERVE_LOFIT=A=DIR,B=DIR); "
+        "select it with model '<base>:NAME'",
     )
     serve.add_argument(
         "--allow-adapter-updates",
@@ -111,7 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="enable POST /v1/adapters and DELETE /v1/adapters/{name}",
     )
     _add(serve, "--adapter-dir", str, None, "runtime adapter loads only from under this directory")
+    serve.add_argument(
+        "--bias-profile",
+        action="append",
+        default=[s for s in os.environ.get("LONGSERVE_BIAS_PROFILE", "").split(",") if s],
+        metavar="NAME=DIR",
+        help="load a bias profile (longserve bias calibrate) at start (repeatable); requests "
+        "select it with bias_correction 'anchored:NAME' or 'prior:NAME' (plain 'anchored' "
+        "uses the profile named 'default' or the only one)",
+    )
     _add_engine_flags(serve)
+    for flag, kind, default, help in _RAY_FLAGS:
+        _add(serve, flag, kind, default, help)
 
     for name, help in (("generate", "complete a prompt"), ("chat", "chat with the model")):
         p = sub.add_parser(name, help=help)
@@ -123,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--system", default=None, help="chat: system message")
         _add_engine_flags(p)
+
+    from server.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    from server.lofit_cli import add_lofit_parser
+
+    add_lofit_parser(sub)
+    from server.bias_cli import add_bias_parsers
+
+    add_bias_parsers(sub)
     return parser
 
 
@@ -140,9 +213,12 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         max_waiting_requests=args.max_waiting_requests,
         lofit_adapters=_parse_adapters(args.lofit),
+        bias_profiles=_parse_adapters(args.bias_profile, "--bias-profile"),
         allow_adapter_updates=args.allow_adapter_updates,
         adapter_dir=args.adapter_dir,
     )
+    if args.ray_replicas:
+        return _serve_ray(args, config)
     app = create_app(config)
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False
@@ -159,12 +235,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_adapters(specs: list[str]) -> dict[str, str]:
+def _serve_ray(args: argparse.Namespace, config: Any) -> int:
+    try:
+        from server import ray_serve
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "ray":
+            raise
+        raise ValueError(
+            f"--ray-replicas needs Ray Serve: pip install 'longserve[ray]' ({exc})"
+        ) from None
+    return ray_serve.serve_forever(args, config)
+
+
+def _parse_adapters(specs: list[str], flag: str = "--lofit") -> dict[str, str]:
     adapters = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--lofit expects NAME=DIR, got {spec!r}")
+            raise ValueError(f"{flag} expects NAME=DIR, got {spec!r}")
         adapters[name] = path
     return adapters
 
@@ -244,6 +332,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            from server.bench.cli import run_bench_serve
+
+            return run_bench_serve(args)
+        if args.command == "lofit":
+            from server.lofit_cli import run_lofit
+
+            return run_lofit(args)
+        if args.command in ("bias", "eval"):
+            from server.bias_cli import run_bias
+
+            return run_bias(args)
         return _generate(args, chat=args.command == "chat")
     except (ModelLoadError, ValueError) as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

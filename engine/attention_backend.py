@@ -68,6 +68,29 @@ class AttentionBackend(ABC):
         a step is layer == num_layers - 1; caches count their tokens after it.
         """
 
+    # -- prefix-cache snapshots (see engine/prefix_cache.py) ----------------------------
+
+    def freeze(self, cache: object) -> object:
+        """Turn the cache's contents into an immutable snapshot (with `length` and
+        `nbytes()`); the cache continues as a child of it. Avoids copying where it can."""
+        raise NotImplementedError(f"{type(self).__name__} has no prefix-cache snapshots")
+
+    def freeze_nbytes(self, cache: object) -> int:
+        """Bytes `freeze(cache)` would hand to the snapshot."""
+        raise NotImplementedError(f"{type(self).__name__} has no prefix-cache snapshots")
+
+    def plan_freeze(self, cache: object, length: int) -> None:  # noqa: B027 - optional hint
+        """Hint: the cache will be frozen at `length` tokens; size buffers for that."""
+
+    def child(self, snapshot: object) -> object:
+        """A new cache holding the snapshot's tokens, copy-on-write: appending to it never
+        changes the snapshot or another child."""
+        raise NotImplementedError(f"{type(self).__name__} has no prefix-cache snapshots")
+
+    def release_snapshot(self, snapshot: object) -> None:
+        """Drop what the snapshot holds; no child of it may still be live."""
+        raise NotImplementedError(f"{type(self).__name__} has no prefix-cache snapshots")
+
     def device_tokens_for(self, total_len: int, num_new: int) -> int:
         """Device-tier tokens a sequence of `total_len` tokens occupies during a step that
         adds `num_new` of them. The full backend keeps everything on the device."""

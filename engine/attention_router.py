@@ -51,6 +51,13 @@ class AttentionRouter(AttentionBackend):
         self._owner[id(copy)] = backend
         return copy
 
+    def child(self, mode: str, snapshot: object) -> object:
+        """A copy-on-write child cache of a prefix-cache snapshot of `mode`'s backend."""
+        backend = self.backend(mode)
+        cache = backend.child(snapshot)
+        self._owner[id(cache)] = backend
+        return cache
+
     def owner(self, cache: object) -> AttentionBackend:
         return self._owner[id(cache)]
 

@@ -1,47 +1,114 @@
-"""The `full` attention backend: every token's K and V on the device, exact attention."""
+"""The `full` attention backend: every token's K and V on the device, exact attention.
+
+For the prefix cache a cache can extend frozen segments (`base`): positions
+[0, base_len) live in the segments, shared read-only by every child of a snapshot, and
+the cache's own buffers hold the rest. Attention over the segments and over the own
+part is computed separately and merged by log-sum-exp, so no prefix K/V is copied.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.attention_backend import AttentionBackend, CacheShape
 from engine.forward_context import ForwardContext
+from kernels import merge_partials, partial_attention
+
+
+@dataclass(frozen=True)
+class FullSegment:
+    """Frozen K/V [Hkv, n, D] per layer of positions [start, start + n)."""
+
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class FullSnapshot:
+    """A frozen cache of `length` tokens; `own` is the segment it added to its base."""
+
+    length: int
+    segments: tuple[FullSegment, ...]
+    own: FullSegment | None
+
+    def nbytes(self) -> int:
+        """Bytes this snapshot holds beyond those of the snapshots it extends."""
+        return self.own.nbytes() if self.own is not None else 0
 
 
 class FullKVCache:
-    """One sequence's KV for all layers, in growable contiguous buffers [Hkv, cap, D]."""
+    """One sequence's KV for all layers: frozen `base` segments, then growable own
+    buffers [Hkv, cap, D] holding positions base_len .. length - 1."""
 
-    def __init__(self, shape: CacheShape, initial_capacity: int = 256) -> None:
+    def __init__(
+        self,
+        shape: CacheShape,
+        initial_capacity: int = 256,
+        base: tuple[FullSegment, ...] = (),
+        base_len: int = 0,
+    ) -> None:
         self.shape = shape
-        self.length = 0
+        self.base, self.base_len = base, base_len
+        self.length = base_len
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._grow(initial_capacity)
 
+    @property
+    def own_len(self) -> int:
+        return self.length - self.base_len
+
     def _grow(self, capacity: int) -> None:
         s = self.shape
         new_k, new_v = [], []
+        n = self.own_len
         for layer in range(s.num_layers):
             k = torch.empty(s.num_kv_heads, capacity, s.head_dim, dtype=s.dtype, device=s.device)
             v = torch.empty_like(k)
-            if self.length:
-                k[:, : self.length] = self.k[layer][:, : self.length]
-                v[:, : self.length] = self.v[layer][:, : self.length]
+            if n:
+                k[:, :n] = self.k[layer][:, :n]
+                v[:, :n] = self.v[layer][:, :n]
             new_k.append(k)
             new_v.append(v)
         self.k, self.v, self.capacity = new_k, new_v, capacity
 
-    def reserve(self, total_len: int) -> None:
-        if total_len > self.capacity:
-            self._grow(max(total_len, self.capacity * 2))
+    def reserve(self, total_len: int, exact: bool = False) -> None:
+        """Room for a sequence of `total_len` tokens (exactly that much with `exact`)."""
+        need = total_len - self.base_len
+        if exact and self.own_len <= need != self.capacity:
+            self._grow(need)
+        elif need > self.capacity:
+            self._grow(max(need, self.capacity * 2))
+
+    def freeze(self) -> FullSnapshot:
+        """Snapshot this cache and continue as the snapshot's child. The own buffers move
+        into the snapshot (copied only when larger than what they hold)."""
+        n = self.own_len
+        own = None
+        if n:
+            fit = (lambda t: t) if self.capacity == n else (lambda t: t[:, :n].clone())
+            own = FullSegment(tuple(fit(t) for t in self.k), tuple(fit(t) for t in self.v))
+        snapshot = FullSnapshot(
+            length=self.length, segments=self.base + ((own,) if own is not None else ()), own=own
+        )
+        self.base, self.base_len = snapshot.segments, snapshot.length
+        self.k, self.v, self.capacity = [], [], 0
+        self._grow(256)
+        return snapshot
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def release(self) -> None:
         self.k, self.v, self.length, self.capacity = [], [], 0, 0
+        self.base, self.base_len = (), 0
 
 
 def causal_mask(num_new: int, num_cached: int, device: torch.device) -> torch.Tensor:
@@ -78,6 +145,18 @@ def attend_one(
     return out.squeeze(0).transpose(0, 1)
 
 
+def _attend_with_base(
+    q: torch.Tensor, cache: FullKVCache, layer: int, first: int, end: int, scale: float
+) -> torch.Tensor:
+    """Causal attention over the own buffer [0, end) (new tokens from `first`) and every
+    base segment, merged by log-sum-exp."""
+    kb, vb = cache.k[layer][:, :end], cache.v[layer][:, :end]
+    o, lse = partial_attention(q, kb, vb, scale, causal_offset=first)
+    for seg in cache.base:
+        o, lse = merge_partials(o, lse, *partial_attention(q, seg.k[layer], seg.v[layer], scale))
+    return o.to(q.dtype)
+
+
 class FullAttentionBackend(AttentionBackend):
     """Exact attention over all of each sequence's KV, kept on the device."""
 
@@ -91,13 +170,35 @@ class FullAttentionBackend(AttentionBackend):
         return cache
 
     def fork(self, cache: FullKVCache) -> FullKVCache:
-        copy = FullKVCache(self.shape, initial_capacity=max(cache.capacity, 1))
+        copy = FullKVCache(self.shape, max(cache.capacity, 1), cache.base, cache.base_len)
+        n = cache.own_len
         for layer in range(self.shape.num_layers):
-            copy.k[layer][:, : cache.length] = cache.k[layer][:, : cache.length]
-            copy.v[layer][:, : cache.length] = cache.v[layer][:, : cache.length]
+            copy.k[layer][:, :n] = cache.k[layer][:, :n]
+            copy.v[layer][:, :n] = cache.v[layer][:, :n]
         copy.length = cache.length
         self._live[id(copy)] = copy
         return copy
+
+    # -- prefix-cache snapshots -------------------------------------------------------------
+
+    def freeze(self, cache: FullKVCache) -> FullSnapshot:
+        return cache.freeze()
+
+    def freeze_nbytes(self, cache: FullKVCache) -> int:
+        s = self.shape
+        row = s.num_kv_heads * s.head_dim * torch.empty(0, dtype=s.dtype).element_size()
+        return 2 * s.num_layers * row * cache.own_len
+
+    def plan_freeze(self, cache: FullKVCache, length: int) -> None:
+        cache.reserve(length, exact=True)
+
+    def child(self, snapshot: FullSnapshot) -> FullKVCache:
+        cache = FullKVCache(self.shape, base=snapshot.segments, base_len=snapshot.length)
+        self._live[id(cache)] = cache
+        return cache
+
+    def release_snapshot(self, snapshot: FullSnapshot) -> None:
+        snapshot.segments, snapshot.own = (), None
 
     def free(self, cache: FullKVCache) -> None:
         cache.release()
@@ -123,11 +224,14 @@ class FullAttentionBackend(AttentionBackend):
             if layer == 0:
                 cache.reserve(total)
             kb, vb = cache.k[layer], cache.v[layer]
-            kb[:, s.num_cached : total] = k[s.start : s.end].transpose(0, 1)
-            vb[:, s.num_cached : total] = v[s.start : s.end].transpose(0, 1)
-            out[s.start : s.end] = attend_one(
-                q[s.start : s.end], kb[:, :total], vb[:, :total], s.num_cached, scale
-            )
+            first, end = s.num_cached - cache.base_len, total - cache.base_len
+            kb[:, first:end] = k[s.start : s.end].transpose(0, 1)
+            vb[:, first:end] = v[s.start : s.end].transpose(0, 1)
+            qs = q[s.start : s.end]
+            if cache.base:
+                out[s.start : s.end] = _attend_with_base(qs, cache, layer, first, end, scale)
+            else:
+                out[s.start : s.end] = attend_one(qs, kb[:, :end], vb[:, :end], first, scale)
             if last_layer:
                 cache.length = total
         return out
@@ -136,7 +240,7 @@ class FullAttentionBackend(AttentionBackend):
         caches = list(self._live.values())
         return {
             "device_bytes": sum(c.nbytes() for c in caches),
-            "device_tokens": sum(c.length for c in caches),
+            "device_tokens": sum(c.own_len for c in caches),  # shared: the prefix cache's
             "host_bytes": 0,
             "host_tokens": 0,
         }

@@ -14,6 +14,8 @@ import torch
 
 from engine.attention_backend import AttentionBackend, CacheShape
 from engine.attention_router import AttentionRouter
+from engine.bias_bank import BiasBank
+from engine.bias_profile import load_profile
 from engine.detokenizer import IncrementalDetokenizer
 from engine.full_attention import FullAttentionBackend
 from engine.lofit_adapter import load_adapter
@@ -22,6 +24,7 @@ from engine.model_config import ModelConfig
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import StepOutput
+from engine.prefix_cache import PrefixCache, attention_settings
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -57,6 +60,7 @@ class EngineConfig:
     index_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"ef": 64}
     num_threads: int | None = None
     pack_weights: bool = True  # oneDNN-packed matmul weights on CPU (faster decode)
+    prefix_cache_bytes: int = 2 << 30  # document (prefix) cache limit; 0 turns it off
 
     def validate(self) -> None:
         if self.attention not in ATTENTION_MODES:
@@ -68,6 +72,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.window_tokens < 1:
             raise ValueError("window_tokens must be >= 1")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError("prefix_cache_bytes must be >= 0 (0 turns the prefix cache off)")
         from retrieval import INDEX_KINDS
 
         if self.index not in INDEX_KINDS:
@@ -103,8 +109,15 @@ class LLMEngine:
         # The server's mode first: it is the default for requests that name none.
         modes = [config.attention] + [m for m in ATTENTION_MODES if m != config.attention]
         self.router = AttentionRouter(shape, lambda mode: self._make_backend(shape, mode), modes)
+        self.prefix_cache = PrefixCache(
+            self.router,
+            config.prefix_cache_bytes,
+            namespace=(model_name, config.dtype),
+            mode_settings=attention_settings(config),
+        )
         self.lofit = LofitBank(model_config, _DTYPES[config.dtype], self.device)
-        self.runner = ModelRunner(model, self.router, self.device, self.lofit)
+        self.bias = BiasBank(model_config, _DTYPES[config.dtype], self.device)
+        self.runner = ModelRunner(model, self.router, self.device, self.lofit, self.bias)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -150,12 +163,10 @@ class LLMEngine:
     # -- sequence lifecycle -------------------------------------------------------------
 
     def _allocate(self, seq: Sequence) -> None:
-        seq.cache = self.router.new_cache(seq.attention_mode)
+        self.prefix_cache.allocate(seq)
 
     def _release(self, seq: Sequence) -> None:
-        if seq.cache is not None:
-            self.router.free(seq.cache)
-            seq.cache = None
+        self.prefix_cache.release(seq)
 
     def _device_tokens(self, seq: Sequence, num_new: int) -> int:
         backend = self.router.backend(seq.attention_mode)
@@ -183,6 +194,7 @@ class LLMEngine:
         params: SamplingParams,
         attention: str | None = None,
         lofit: str | None = None,
+        bias_correction: str | None = None,
     ) -> list[int]:
         """Check a request without queueing it; returns the prompt's token ids."""
         params.validate()
@@ -192,6 +204,8 @@ class LLMEngine:
             raise ValueError(f"attention must be one of {self.router.modes}, got {attention!r}")
         if lofit is not None:
             self.lofit.slot(lofit)
+        if bias_correction is not None:
+            self.bias.resolve(bias_correction)
         self.check_context_length(len(prompt_ids), params.max_tokens)
         for t in params.logit_bias or {}:
             if t >= self.model_config.vocab_size:
@@ -205,14 +219,19 @@ class LLMEngine:
         params: SamplingParams,
         attention: str | None = None,
         lofit: str | None = None,
+        bias_correction: str | None = None,
     ) -> list[int]:
         """Queue a request (its `n` samples); returns the prompt's token ids.
 
-        `lofit` names a loaded LoFiT adapter applied to this request only.
+        `lofit` names a loaded LoFiT adapter and `bias_correction` a loaded bias profile's
+        correction (`"anchored"`, `"prior"`, optionally `":<profile>"`), both applied to
+        this request only.
         """
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.validate_request(prompt, params, attention, lofit)
+        prompt_ids = self.validate_request(prompt, params, attention, lofit, bias_correction)
+        bias = None if bias_correction is None else self.bias.resolve(bias_correction)
+        bias_slot = 0 if bias is None else self.bias.slots[bias]
         mode = attention or self.config.attention
         adapter_slot = 0 if lofit is None else self.lofit.slot(lofit)
         seqs = []
@@ -229,12 +248,25 @@ class LLMEngine:
                 attention_mode=mode,
                 lofit=lofit,
                 adapter_slot=adapter_slot,
+                bias_correction=bias,
+                bias_slot=bias_slot,
                 generator=make_generator(seed, self.device) if seed is not None else None,
             )
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
         return prompt_ids
+
+    # -- bias profiles ---------------------------------------------------------------------
+
+    def load_bias_profile(self, name: str, path: str) -> None:
+        """Load the bias profile directory at `path` under `name`; ValueError if it is
+        malformed or was calibrated for another model."""
+        self.bias.register(name, load_profile(path, self.model_config, self.model_name))
+
+    def bias_profiles(self) -> list[str]:
+        """Names of the loaded bias profiles."""
+        return self.bias.names()
 
     # -- LoFiT adapters -------------------------------------------------------------------
 
@@ -255,6 +287,7 @@ class LLMEngine:
                 f"lofit adapter {name!r} is in use by {len(users)} request(s), e.g. {users[0]!r}"
             )
         self.lofit.unregister(name)
+        self.prefix_cache.drop_adapter(name)
 
     def lofit_adapters(self) -> list[str]:
         """Names of the loaded LoFiT adapters."""
@@ -311,6 +344,7 @@ class LLMEngine:
         outputs = []
         for seq, token, logprob in self.runner.step(scheduled.work):
             outputs.append(self._append_token(seq, token, logprob))
+        self.prefix_cache.after_step(seq for seq, _ in scheduled.work)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: Any) -> StepOutput:
@@ -360,8 +394,9 @@ class LLMEngine:
             del self._requests[request_id]
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes and tokens held by the KV tiers of every live sequence."""
-        return self.router.memory_stats()
+        """Bytes and tokens held by the KV tiers of every live sequence (their own parts),
+        and bytes held by the prefix cache (`prefix_cache_bytes`)."""
+        return {**self.router.memory_stats(), "prefix_cache_bytes": self.prefix_cache.held_bytes}
 
     def retrieval_stats(self) -> dict[str, int]:
         """Host-tier index counters (queries, scanned, candidates) since start."""

@@ -76,25 +76,34 @@ class Scheduler:
         for seq in self.running:
             if budget <= 0:
                 break
-            n = min(seq.num_uncomputed, budget)
+            n = self._chunk(seq, budget)
             work.append((seq, n))
             budget -= n
             device_used += self._device_tokens(seq, n)
         limit = self.config.max_device_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
+            n = self._chunk(seq, budget)
             need = self._device_tokens(seq, n)
             if limit is not None and self.running and device_used + need > limit:
                 break
             self.waiting.popleft()
-            self._allocate(seq)
+            self._allocate(seq)  # a prefix-cache hit computes part of the prompt
+            n = self._chunk(seq, budget)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             work.append((seq, n))
             budget -= n
-            device_used += need
+            device_used += self._device_tokens(seq, n)
         return ScheduledStep(work=work, preempted=preempted)
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens `seq` computes next: a prefill chunk ends at its snapshot boundary."""
+        n = min(seq.num_uncomputed, budget)
+        if seq.snapshot_at is not None and seq.num_computed < seq.snapshot_at:
+            n = min(n, seq.snapshot_at - seq.num_computed)
+        return n
 
     def _preempt_to_fit(self) -> list[Sequence]:
         limit = self.config.max_device_tokens

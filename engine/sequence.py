@@ -33,6 +33,8 @@ class Sequence:
     attention_mode: str
     lofit: str | None = None  # the LoFiT adapter's name
     adapter_slot: int = 0  # its slot in the LoFiT bank; 0 = none
+    bias_correction: str | None = None  # canonical "<mode>:<profile>" (see BiasBank)
+    bias_slot: int = 0  # its slot in the bias bank; 0 = none
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -41,6 +43,8 @@ class Sequence:
     stop_reason: str | int | None = None
     cache: object | None = None
     num_computed: int = 0  # tokens whose K/V are in the cache
+    prefix_entry: object | None = None  # the prefix-cache entry its cache extends
+    snapshot_at: int | None = None  # prefill stops here once to snapshot for the prefix cache
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -52,10 +56,17 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def cache_key(self) -> tuple[str | None, str]:
-        """What this sequence's KV depends on besides its tokens: an adapter changes every
-        position's hidden state, so caches are only shareable under equal keys."""
-        return (self.lofit, self.attention_mode)
+    def cache_key(self) -> tuple[str | None, str, str | None]:
+        """What this sequence's KV depends on besides its tokens: an adapter or an anchored
+        bias correction changes every position's hidden state, so caches are only
+        shareable under equal keys (a prior correction only touches the logits)."""
+        anchored = self.bias_correction if self.bias_kv else None
+        return (self.lofit, self.attention_mode, anchored)
+
+    @property
+    def bias_kv(self) -> bool:
+        """Whether the bias correction acts on activations (and so on the KV)."""
+        return bool(self.bias_correction) and self.bias_correction.startswith("anchored")
 
     @property
     def num_uncomputed(self) -> int:

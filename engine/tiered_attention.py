@@ -11,6 +11,10 @@ A slice with one new token is a decode: the backend cannot tell a one-token pref
 from a decode step. Prefill chunks of sequences that outgrow the device tier also keep a
 strided sample of their queries (`TieredCache.query_samples`) for the attention-aware
 index.
+
+Prefix-cache children (`child`) share their snapshot's host segments: prefill attends to
+every segment, and decode asks each segment's index (built once, kept in the snapshot)
+and the child's own retriever for their top-k, keeping the best k of the union.
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ import torch
 
 from engine.attention_backend import AttentionBackend, CacheShape
 from engine.forward_context import ForwardContext, SequenceSlice
-from engine.tiered_cache import RetrieverFactory, TierConfig, TieredCache
+from engine.tiered_cache import (
+    HostRetriever,
+    RetrieverFactory,
+    TierConfig,
+    TieredCache,
+    TieredSnapshot,
+)
 from kernels import (
     attention_over_rows,
     batched_partial_attention,
@@ -63,6 +73,7 @@ class TieredAttentionBackend(AttentionBackend):
         )
         self.retriever_factory = retriever_factory
         self._live: dict[int, TieredCache] = {}
+        self._snapshots: dict[int, TieredSnapshot] = {}
         self._retired = dict.fromkeys(_COUNTERS, 0)
 
     # -- cache lifecycle ------------------------------------------------------------------
@@ -74,10 +85,12 @@ class TieredAttentionBackend(AttentionBackend):
 
     def fork(self, cache: TieredCache) -> TieredCache:
         retriever, cache.retriever = cache.retriever, None
+        shared, cache.shared = cache.shared, ()  # read-only: the copy shares them
         try:
             copy = deepcopy(cache)
         finally:
-            cache.retriever = retriever
+            cache.retriever, cache.shared = retriever, shared
+        copy.shared = shared
         if retriever is not None:  # an index cannot be copied generally: rebuild it
             copy.retriever = copy.retriever_factory(copy)
             for layer in range(self.shape.num_layers):
@@ -86,11 +99,43 @@ class TieredAttentionBackend(AttentionBackend):
         return copy
 
     def free(self, cache: TieredCache) -> None:
-        if cache.retriever is not None:
-            for name in _COUNTERS:
-                self._retired[name] += getattr(cache.retriever, name)
+        self._retire(cache.retriever)
         cache.release()
         self._live.pop(id(cache), None)
+
+    def _retire(self, retriever: HostRetriever | None) -> None:
+        if retriever is not None:
+            for name in _COUNTERS:
+                self._retired[name] += getattr(retriever, name)
+
+    # -- prefix-cache snapshots -------------------------------------------------------------
+
+    def freeze(self, cache: TieredCache) -> TieredSnapshot:
+        self._retire(cache.retriever)
+        if cache.retriever is not None:
+            cache.retriever.free()
+            cache.retriever = None
+        snapshot = cache.freeze()
+        self._snapshots[id(snapshot)] = snapshot
+        return snapshot
+
+    def freeze_nbytes(self, cache: TieredCache) -> int:
+        return cache.freeze_nbytes()
+
+    def plan_freeze(self, cache: TieredCache, length: int) -> None:
+        cache.plan_freeze(length)
+
+    def child(self, snapshot: TieredSnapshot) -> TieredCache:
+        cache = TieredCache.from_snapshot(self.shape, self.config, snapshot, self.retriever_factory)
+        self._live[id(cache)] = cache
+        return cache
+
+    def release_snapshot(self, snapshot: TieredSnapshot) -> None:
+        self._snapshots.pop(id(snapshot), None)
+        if snapshot.own is not None:
+            self._retire(snapshot.own.retriever)
+            snapshot.own.release()
+        snapshot.dev_k, snapshot.dev_v = [], []
 
     def cache_len(self, cache: TieredCache) -> int:
         return cache.length
@@ -145,9 +190,9 @@ class TieredAttentionBackend(AttentionBackend):
         keys, values = torch.cat([dk, ks], 1), torch.cat([dv, vs], 1)
         if self.config.keep_host:
             out, lse = partial_attention(qs, keys, values, scale, causal_offset=dk.shape[1])
-            if cache.host_len[layer]:
-                hk = cache.host_keys(layer).to(q.device, non_blocking=True)
-                hv = cache.host_values(layer).to(q.device, non_blocking=True)
+            for hk, hv in cache.host_parts(layer):
+                hk = hk.to(q.device, non_blocking=True)
+                hv = hv.to(q.device, non_blocking=True)
                 out, lse = merge_partials(out, lse, *partial_attention(qs, hk, hv, scale))
             if s.total_len > self.config.device_capacity:
                 # Only sequences that will have a host tier need an index, hence queries.
@@ -200,7 +245,7 @@ class TieredAttentionBackend(AttentionBackend):
         o, lse = batched_partial_attention(qd, kb, vb, scale, key_mask)
 
         if self.config.keep_host:
-            hosted = [i for i, s in enumerate(slices) if s.cache.host_len[layer]]
+            hosted = [i for i, s in enumerate(slices) if s.cache.total_host_len(layer)]
             if hosted:
                 pick = torch.tensor(hosted, device=q.device)
                 o2, lse2 = self._host_attention(layer, [slices[i] for i in hosted], qd[pick], scale)
@@ -219,10 +264,7 @@ class TieredAttentionBackend(AttentionBackend):
         hq = qc.shape[1]
         gathered = []
         for j, s in enumerate(slices):
-            idx = s.cache.retriever.search(layer, qc[j], self.top_k)
-            gathered.append(
-                gather_rows(s.cache.host_keys(layer), s.cache.host_values(layer), idx, hq)
-            )
+            gathered.append(self._retrieve(layer, s.cache, qc[j]))
         if len(gathered) == 1:
             k_rows, v_rows, valid = (t.unsqueeze(0) for t in gathered[0])
             return attention_over_rows(qc, k_rows, v_rows, scale, valid)
@@ -235,6 +277,35 @@ class TieredAttentionBackend(AttentionBackend):
             n = kr.shape[1]
             k_rows[j, :, :n], v_rows[j, :, :n], valid[j, :, :n] = kr, vr, ok
         return attention_over_rows(qc, k_rows, v_rows, scale, valid)
+
+    def _retrieve(
+        self, layer: int, cache: TieredCache, q: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top-k host rows for q [Hq, D]: k_rows, v_rows [Hq, K, D], valid [Hq, K].
+
+        Each shared segment and the own tier answer separately; of their union the k
+        best by exact score are kept, so with exact retrievers this equals one search.
+        """
+        hq = q.shape[0]
+        parts = []
+        for seg in cache.shared:
+            if seg.host_len[layer]:
+                idx = seg.search(layer, q, self.top_k)
+                parts.append(gather_rows(seg.host_keys(layer), seg.host_values(layer), idx, hq))
+        if cache.host_len[layer]:
+            idx = cache.retriever.search(layer, q, self.top_k)
+            parts.append(gather_rows(cache.host_keys(layer), cache.host_values(layer), idx, hq))
+        if len(parts) == 1:
+            return parts[0]
+        k_rows, v_rows, valid = (torch.cat(t, dim=1) for t in zip(*parts, strict=True))
+        if k_rows.shape[1] > self.top_k:
+            scores = torch.matmul(k_rows.float(), q.float().unsqueeze(-1)).squeeze(-1)
+            scores.masked_fill_(~valid, float("-inf"))
+            top = scores.topk(self.top_k, dim=-1).indices  # [Hq, k]
+            rows = top.unsqueeze(-1).expand(-1, -1, k_rows.shape[-1])
+            k_rows, v_rows = k_rows.gather(1, rows), v_rows.gather(1, rows)
+            valid = valid.gather(1, top)
+        return k_rows, v_rows, valid
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -250,8 +321,10 @@ class TieredAttentionBackend(AttentionBackend):
     def retrieval_stats(self) -> dict[str, int]:
         """Retriever counters (queries, scanned, candidates) over all caches ever made."""
         totals = dict(self._retired)
-        for cache in self._live.values():
-            if cache.retriever is not None:
+        retrievers = [c.retriever for c in self._live.values()]
+        retrievers += [s.own.retriever for s in self._snapshots.values() if s.own is not None]
+        for retriever in retrievers:
+            if retriever is not None:
                 for name in _COUNTERS:
-                    totals[name] += getattr(cache.retriever, name)
+                    totals[name] += getattr(retriever, name)
         return totals

@@ -9,6 +9,11 @@ Token positions of a sequence of n tokens fall into three parts:
 so the device tier's filled slots are always the prefix [0, min(n, S + W)). Tokens that
 leave the window move to the host tier (or are dropped, in streaming mode) and are added
 to the retriever incrementally. The cache stores keys as given (already rotated).
+
+For the prefix cache, `freeze` turns a cache into an immutable `TieredSnapshot` without
+copying its host tier: the host rows move into a `HostSegment` (with the query sample
+and, once searched, its index) that every child of the snapshot reads. A cache's host
+tier is then its `shared` segments (oldest first) followed by its own rows.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,7 +81,7 @@ class HostRetriever(ABC):
         """Release the index."""
 
 
-RetrieverFactory = Callable[["TieredCache"], HostRetriever]
+RetrieverFactory = Callable[[Any], HostRetriever]  # TieredCache or HostSegment -> retriever
 
 
 class ExactRetriever(HostRetriever):
@@ -157,6 +163,74 @@ class _QuerySampler:
         return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
 
 
+class HostSegment:
+    """A frozen run of host-tier rows (every layer) that prefix-cache children read.
+
+    It offers what a retriever reads of a cache (`shape`, `host_len`, `host_keys`,
+    `query_samples`), so any retriever kind indexes it; the index is built on the first
+    search (by whichever child searches first) and then serves every later child.
+    Nothing appends to a segment.
+    """
+
+    def __init__(
+        self,
+        shape: CacheShape,
+        host_k: list[torch.Tensor],
+        host_v: list[torch.Tensor],
+        samplers: list[_QuerySampler],
+        retriever_factory: RetrieverFactory,
+    ) -> None:
+        self.shape = shape
+        self.host_k, self.host_v = host_k, host_v
+        self.host_len = [t.shape[1] for t in host_k]
+        self.samplers = samplers
+        self.retriever_factory = retriever_factory
+        self.retriever: HostRetriever | None = None
+
+    def host_keys(self, layer: int) -> torch.Tensor:
+        return self.host_k[layer]
+
+    def host_values(self, layer: int) -> torch.Tensor:
+        return self.host_v[layer]
+
+    def query_samples(self, layer: int) -> torch.Tensor | None:
+        return self.samplers[layer].samples()
+
+    def search(self, layer: int, q: torch.Tensor, k: int) -> torch.Tensor:
+        """Row indices [Hq, k'] into this segment for queries q [Hq, D]."""
+        if self.retriever is None:
+            self.retriever = self.retriever_factory(self)
+        return self.retriever.search(layer, q, k)
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.host_k + self.host_v)
+        total += sum(s.nbytes() for s in self.samplers)
+        return total + (self.retriever.nbytes() if self.retriever is not None else 0)
+
+    def release(self) -> None:
+        if self.retriever is not None:
+            self.retriever.free()
+        self.host_k, self.host_v, self.samplers = [], [], []
+        self.host_len = [0] * self.shape.num_layers
+
+
+@dataclass
+class TieredSnapshot:
+    """A frozen cache of `length` tokens: a copy of its device tier (sinks + window) and
+    its host segments; `own` is the segment this snapshot added (None: none)."""
+
+    length: int
+    dev_k: list[torch.Tensor]
+    dev_v: list[torch.Tensor]
+    shared: tuple[HostSegment, ...]
+    own: HostSegment | None
+
+    def nbytes(self) -> int:
+        """Bytes this snapshot holds beyond those of the snapshots it extends."""
+        dev = sum(t.numel() * t.element_size() for t in self.dev_k + self.dev_v)
+        return dev + (self.own.nbytes() if self.own is not None else 0)
+
+
 class TieredCache:
     """One sequence's KV for all layers, split into a device tier and a host tier."""
 
@@ -177,8 +251,93 @@ class TieredCache:
         self.dev_v: list[torch.Tensor] = [self._device_buf(0) for _ in layers]
         self.host_k: list[torch.Tensor] = [self._host_buf(0) for _ in layers]
         self.host_v: list[torch.Tensor] = [self._host_buf(0) for _ in layers]
-        self.host_len = [0] * shape.num_layers
+        self.host_len = [0] * shape.num_layers  # own rows, after the shared segments'
         self.samplers = [_QuerySampler(config.query_sample_size) for _ in layers]
+        self.shared: tuple[HostSegment, ...] = ()  # host rows of the snapshot it extends
+        self.shared_len = [0] * shape.num_layers
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        shape: CacheShape,
+        config: TierConfig,
+        snapshot: TieredSnapshot,
+        retriever_factory: RetrieverFactory | None = None,
+    ) -> TieredCache:
+        """A copy-on-write child of `snapshot`: its own copy of the device tier, the
+        snapshot's host segments shared read-only, new host rows in its own tier."""
+        cache = cls(shape, config, retriever_factory)
+        cache.dev_k = [t.clone() for t in snapshot.dev_k]
+        cache.dev_v = [t.clone() for t in snapshot.dev_v]
+        cache._extend(snapshot)
+        return cache
+
+    def _extend(self, snapshot: TieredSnapshot) -> None:
+        layers = range(self.shape.num_layers)
+        self.shared = snapshot.shared
+        self.shared_len = [sum(seg.host_len[i] for seg in self.shared) for i in layers]
+        self.host_k = [self._host_buf(0) for _ in layers]
+        self.host_v = [self._host_buf(0) for _ in layers]
+        self.host_len = [0] * self.shape.num_layers
+        self.samplers = [_QuerySampler(self.config.query_sample_size) for _ in layers]
+        self.retriever = None
+        self.length = snapshot.length
+
+    def freeze(self) -> TieredSnapshot:
+        """Snapshot this cache and continue as the snapshot's child.
+
+        The own host rows (and their query sample) move into a new shared segment
+        without a copy when their buffers are exactly full; the device tier is copied.
+        The caller retires the own retriever first (its index covered the moved rows).
+        """
+        own = None
+        if any(self.host_len):
+            own = HostSegment(
+                self.shape,
+                [self._fit(t, n) for t, n in zip(self.host_k, self.host_len, strict=True)],
+                [self._fit(t, n) for t, n in zip(self.host_v, self.host_len, strict=True)],
+                self.samplers,
+                self.retriever_factory,
+            )
+        snapshot = TieredSnapshot(
+            length=self.length,
+            dev_k=[t.clone() for t in self.dev_k],
+            dev_v=[t.clone() for t in self.dev_v],
+            shared=self.shared + ((own,) if own is not None else ()),
+            own=own,
+        )
+        self._extend(snapshot)
+        return snapshot
+
+    def freeze_nbytes(self) -> int:
+        """Bytes `freeze` would hand to the snapshot (device copy, own host rows, samples)."""
+        s = self.shape
+        row = s.num_kv_heads * s.head_dim * torch.empty(0, dtype=s.dtype).element_size()
+        host = 2 * row * sum(self.host_len)
+        samples = sum(x.nbytes() for x in self.samplers) if any(self.host_len) else 0
+        return self.device_bytes() + host + samples
+
+    def _fit(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        """The first n rows of a host buffer, copied only if the buffer holds more."""
+        if buf.shape[1] == n:
+            return buf
+        out = self._host_buf(n)
+        out.copy_(buf[:, :n])
+        return out
+
+    def plan_freeze(self, length: int) -> None:
+        """Size the own host tier to hold exactly the rows it will have at `length` tokens,
+        so freezing there moves the buffers instead of copying them."""
+        if not self.config.keep_host:
+            return
+        rows = max(length - self.config.device_capacity, 0) - self.shared_len[0]
+        for bufs in (self.host_k, self.host_v):
+            for layer, old in enumerate(bufs):
+                if old.shape[1] < rows:
+                    new = self._host_buf(rows)
+                    n = self.host_len[layer]
+                    new[:, :n] = old[:, :n]
+                    bufs[layer] = new
 
     # -- buffers ------------------------------------------------------------------------
 
@@ -257,8 +416,18 @@ class TieredCache:
         return torch.cat(ks, 1), torch.cat(vs, 1), positions.to(self.shape.device)
 
     def host_keys(self, layer: int) -> torch.Tensor:
-        """Host-tier keys [Hkv, N, D] (a view, positions S .. S + N - 1)."""
+        """Own host-tier keys [Hkv, N, D] (a view, after the shared segments' rows)."""
         return self.host_k[layer][:, : self.host_len[layer]]
+
+    def total_host_len(self, layer: int) -> int:
+        """Host rows of `layer`, shared segments and own."""
+        return self.shared_len[layer] + self.host_len[layer]
+
+    def host_parts(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The non-empty host runs (k, v [Hkv, n, D]) of `layer`, in position order."""
+        parts = [(seg.host_keys(layer), seg.host_values(layer)) for seg in self.shared]
+        parts.append((self.host_keys(layer), self.host_values(layer)))
+        return [(k, v) for k, v in parts if k.shape[1]]
 
     def host_values(self, layer: int) -> torch.Tensor:
         return self.host_v[layer][:, : self.host_len[layer]]
@@ -318,10 +487,11 @@ class TieredCache:
         return self.device_len(self.length)
 
     def host_tokens(self) -> int:
+        """Own host rows (shared segments are counted by the prefix cache)."""
         return self.host_len[0] if self.host_len else 0
 
     def release(self) -> None:
-        """Drop every buffer, the query samples and the retriever."""
+        """Drop every buffer, the query samples, the retriever and the shared segments."""
         if self.retriever is not None:
             self.retriever.free()
             self.retriever = None
@@ -332,4 +502,5 @@ class TieredCache:
         self.host_v = [self._host_buf(0) for _ in layers]
         self.host_len = [0] * self.shape.num_layers
         self.samplers = [_QuerySampler(self.config.query_sample_size) for _ in layers]
+        self.shared, self.shared_len = (), [0] * self.shape.num_layers
         self.length = 0

@@ -24,6 +24,7 @@ class Metrics:
         self._preemptions_seen = 0
         self._scanned_seen = 0
         self._searches_seen = 0
+        self._prefix_seen: dict[str, int] = {}
 
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
             return Gauge(f"longserve:{name}", doc, labels, registry=r)
@@ -44,6 +45,23 @@ class Metrics:
         self.scanned_per_search = gauge(
             "index_keys_scanned_per_search", "Mean keys scored per host-tier search so far"
         )
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Prefix-cache lookups (one per sequence allocation)"
+        )
+        self.prefix_query_tokens = counter(
+            "prefix_cache_query_tokens", "Tokens of the sequences looked up in the prefix cache"
+        )
+        self.prefix_hits = counter("prefix_cache_hits", "Prefix-cache lookups that found a prefix")
+        self.prefix_hit_tokens = counter(
+            "prefix_cache_hit_tokens", "Prompt tokens reused from the prefix cache (not prefilled)"
+        )
+        self.prefix_evictions = counter(
+            "prefix_cache_evictions", "Prefix-cache entries evicted (LRU, to stay within the limit)"
+        )
+        self.prefix_bytes = gauge(
+            "prefix_cache_bytes", "Bytes held by the prefix cache (KV of both tiers, indexes)"
+        )
+        self.prefix_entries = gauge("prefix_cache_entries", "Prefixes held by the prefix cache")
         self.requests = counter(
             "request_success", "Finished requests by finish reason", ("finished_reason",)
         )
@@ -83,9 +101,24 @@ class Metrics:
             self.keys_scanned.inc(max(scanned - self._scanned_seen, 0))
             self._searches_seen, self._scanned_seen = searches, scanned
             self.scanned_per_search.set(scanned / searches if searches else 0)
+            self._render_prefix_cache(engine.prefix_cache.stats())
             while engine.queue_times:
                 self.queue_time.observe(engine.queue_times.popleft())
         return generate_latest(self.registry)
+
+    def _render_prefix_cache(self, stats: dict[str, int]) -> None:
+        counters = {
+            "queries": self.prefix_queries,
+            "query_tokens": self.prefix_query_tokens,
+            "hits": self.prefix_hits,
+            "hit_tokens": self.prefix_hit_tokens,
+            "evictions": self.prefix_evictions,
+        }
+        for name, metric in counters.items():
+            metric.inc(max(stats[name] - self._prefix_seen.get(name, 0), 0))
+            self._prefix_seen[name] = stats[name]
+        self.prefix_bytes.set(stats["bytes"])
+        self.prefix_entries.set(stats["entries"])
 
 
 class RequestTimer:

@@ -276,13 +276,23 @@ def _save(path, profile):
     return path
 
 
-@pytest.mark.skipif(not (PROFILE.is_dir() and VAL.is_file()), reason="needs profile and data")
-def test_committed_profile_moves_predictions_off_a(llm):
-    """The calibrated profile on 3 held-out questions in all 4 rotations (model behaviour)."""
+HELD_OUT_CSV = (
+    "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+    "A,M,What do bees make?,Honey,Honey,Milk; Silk; Wool,x\n"
+    "A,M,How many legs does a spider have?,Eight,Eight,Six; Four; Ten,x\n"
+    "A,M,What is frozen water called?,Ice,Ice,Steam; Sand; Glass,x\n"
+)
+
+
+def test_committed_profile_moves_predictions_off_a(llm, tmp_path):
+    """The committed profile on 3 questions written here, in all 4 rotations (model
+    behaviour; the questions are not from ../shared so the test runs in any checkout)."""
     engine = llm.engine
     engine.load_bias_profile("committed", str(PROFILE))
+    csv_path = tmp_path / "held_out.csv"
+    csv_path.write_text(HELD_OUT_CSV)
     try:
-        items = read_truthfulqa_csv(VAL)[:12]
+        items = read_truthfulqa_csv(csv_path)[:12]
         plain = evaluate(engine, items)
         anchored = evaluate(engine, items, "anchored:committed")
         assert plain.shares["A"] >= 0.75

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine.attention_backend import AttentionBackend, CacheShape
-from engine.forward_context import ForwardContext
+from engine.forward_context import ForwardContext, SequenceSlice
 from kernels import merge_partials, partial_attention
+from kernels.decode_attention import KERNEL_DTYPES, decode_attention
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class FullKVCache:
             new_k.append(k)
             new_v.append(v)
         self.k, self.v, self.capacity = new_k, new_v, capacity
+        self.k_addr = np.array([t.data_ptr() for t in new_k], dtype=np.int64)
+        self.v_addr = np.array([t.data_ptr() for t in new_v], dtype=np.int64)
 
     def reserve(self, total_len: int, exact: bool = False) -> None:
         """Room for a sequence of `total_len` tokens (exactly that much with `exact`)."""
@@ -108,6 +112,7 @@ class FullKVCache:
 
     def release(self) -> None:
         self.k, self.v, self.length, self.capacity = [], [], 0, 0
+        self.k_addr = self.v_addr = np.zeros(0, dtype=np.int64)
         self.base, self.base_len = (), 0
 
 
@@ -157,12 +162,44 @@ def _attend_with_base(
     return o.to(q.dtype)
 
 
+@dataclass
+class _DecodeBatch:
+    """The step's single-token sequences without base segments, for `decode_attention`:
+    their rows in the packed batch and their caches' buffer addresses per layer."""
+
+    rows: torch.Tensor | None  # packed indices; None when the step is all of them, in order
+    k_addr: np.ndarray  # [num_layers, B]
+    v_addr: np.ndarray
+    head_stride: np.ndarray  # [B] elements between KV heads (capacity * head_dim)
+    lengths: np.ndarray  # [B] tokens after this step
+
+
+def plan_decode_batch(slices: list[SequenceSlice], head_dim: int) -> _DecodeBatch | None:
+    """Group the decode slices (their caches already reserved) for the batched kernel."""
+    picked = [s for s in slices if s.num_new == 1 and not s.cache.base]
+    if not picked:
+        return None
+    caches = [s.cache for s in picked]
+    rows = None
+    if len(picked) != len(slices) or any(s.start != i for i, s in enumerate(picked)):
+        rows = torch.tensor([s.start for s in picked], dtype=torch.long)
+    return _DecodeBatch(
+        rows=rows,
+        k_addr=np.ascontiguousarray(np.stack([c.k_addr for c in caches], axis=1)),
+        v_addr=np.ascontiguousarray(np.stack([c.v_addr for c in caches], axis=1)),
+        head_stride=np.array([c.capacity * head_dim for c in caches], dtype=np.int64),
+        lengths=np.array([s.total_len - s.cache.base_len for s in picked], dtype=np.int64),
+    )
+
+
 class FullAttentionBackend(AttentionBackend):
     """Exact attention over all of each sequence's KV, kept on the device."""
 
     def __init__(self, shape: CacheShape) -> None:
         super().__init__(shape)
         self._live: dict[int, FullKVCache] = {}
+        self._kernel_ok = shape.device.type == "cpu" and shape.dtype in KERNEL_DTYPES
+        self._decode: _DecodeBatch | None = None
 
     def new_cache(self) -> FullKVCache:
         cache = FullKVCache(self.shape)
@@ -216,13 +253,39 @@ class FullAttentionBackend(AttentionBackend):
         ctx: ForwardContext,
         scale: float,
     ) -> torch.Tensor:
+        if layer == 0:
+            for s in ctx.slices:
+                s.cache.reserve(s.total_len)
+            self._decode = None
+            if self._kernel_ok:
+                self._decode = plan_decode_batch(ctx.slices, self.shape.head_dim)
+        decode = self._decode
         out = torch.empty_like(q)
+        if decode is not None:
+            rows = decode.rows
+            pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+            attended = decode_attention(
+                pick(q),
+                pick(k),
+                pick(v),
+                decode.k_addr[layer],
+                decode.v_addr[layer],
+                decode.head_stride,
+                decode.lengths,
+                scale,
+            )
+            if rows is None:
+                out = attended
+            else:
+                out.index_copy_(0, rows, attended)
         last_layer = layer == self.shape.num_layers - 1
         for s in ctx.slices:
             cache: FullKVCache = s.cache
             total = s.total_len
-            if layer == 0:
-                cache.reserve(total)
+            if last_layer:
+                cache.length = total
+            if decode is not None and s.num_new == 1 and not cache.base:
+                continue
             kb, vb = cache.k[layer], cache.v[layer]
             first, end = s.num_cached - cache.base_len, total - cache.base_len
             kb[:, first:end] = k[s.start : s.end].transpose(0, 1)
@@ -232,8 +295,6 @@ class FullAttentionBackend(AttentionBackend):
                 out[s.start : s.end] = _attend_with_base(qs, cache, layer, first, end, scale)
             else:
                 out[s.start : s.end] = attend_one(qs, kb[:, :end], vb[:, :end], first, scale)
-            if last_layer:
-                cache.length = total
         return out
 
     def memory_stats(self) -> dict[str, int]:

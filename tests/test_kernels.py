@@ -207,3 +207,46 @@ def test_attention_over_rows_with_equal_rows_matches_block_attention():
     ref_out, ref_lse = batched_partial_attention(q, k, v, SCALE)
     torch.testing.assert_close(out, ref_out, **TOL)
     torch.testing.assert_close(lse, ref_lse, **TOL)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_appends_and_matches_softmax(dtype, tol):
+    """Ragged lengths, different capacities: each sequence's new row lands at its length
+    and its output is softmax attention over its own rows only."""
+    import numpy as np
+
+    from kernels.decode_attention import decode_attention
+
+    lengths = [1, 7, 33]
+    caps = [4, 9, 40]
+    ks = [rand(HKV, c, D, seed=10 + i).to(dtype) for i, c in enumerate(caps)]
+    vs = [rand(HKV, c, D, seed=20 + i).to(dtype) for i, c in enumerate(caps)]
+    q = rand(3, HQ, D, seed=1).to(dtype)
+    k_new, v_new = rand(3, HKV, D, seed=2).to(dtype), rand(3, HKV, D, seed=3).to(dtype)
+    out = decode_attention(
+        q,
+        k_new,
+        v_new,
+        np.array([k.data_ptr() for k in ks], dtype=np.int64),
+        np.array([v.data_ptr() for v in vs], dtype=np.int64),
+        np.array([c * D for c in caps], dtype=np.int64),
+        np.array(lengths, dtype=np.int64),
+        SCALE,
+    )
+    assert out.dtype == dtype and out.shape == q.shape
+    for b, n in enumerate(lengths):
+        assert torch.equal(ks[b][:, n - 1], k_new[b]) and torch.equal(vs[b][:, n - 1], v_new[b])
+        want, _ = full_softmax(q[b].float(), ks[b][:, :n].float(), vs[b][:, :n].float(), SCALE)
+        torch.testing.assert_close(out[b].double(), want, atol=tol, rtol=tol)
+
+
+def test_decode_attention_rejects_other_dtypes():
+    import numpy as np
+
+    from kernels.decode_attention import decode_attention
+
+    one = np.zeros(1, dtype=np.int64)
+    q = torch.zeros(1, HQ, D, dtype=torch.float64)
+    kv = torch.zeros(1, HKV, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        decode_attention(q, kv, kv, one, one, one, one + 1, SCALE)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import inspect
 import sys
 import time
 from collections import defaultdict
@@ -39,7 +40,7 @@ from engine.model_files import default_model_dir  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.tokenizer import load_tokenizer  # noqa: E402
 from engine.weights import load_safetensors_dir  # noqa: E402
-from retrieval import create_index, exact_topk  # noqa: E402
+from retrieval import create_index, exact_topk, index_class  # noqa: E402
 
 # kind -> (effort knob, values swept, constructor options)
 SWEEPS: dict[str, tuple[str | None, list[int], dict]] = {
@@ -48,8 +49,17 @@ SWEEPS: dict[str, tuple[str | None, list[int], dict]] = {
     "faiss-ivf": ("nprobe", [1, 2, 4, 8, 16, 32, 64], {}),
     "faiss-hnsw": ("ef", [100, 200, 400, 800, 1600], {"M": 32, "ef_construction": 100}),
     "hnswlib": ("ef", [100, 200, 400, 800, 1600], {"M": 16, "ef_construction": 100}),
-    "attention-aware": ("ef", [100, 150, 200, 300, 400, 600, 800], {}),
+    "attention-aware": ("scan_factor", [2, 3, 4, 6, 8, 12, 16, 24], {}),
 }
+
+
+def default_effort(kind: str) -> int | None:
+    """The effort the server uses for `kind` (its constructor's default knob value)."""
+    knob = SWEEPS[kind][0]
+    if knob is None:
+        return None
+    param = inspect.signature(index_class(kind).__init__).parameters.get(knob)
+    return None if param is None else param.default
 
 
 class CaptureBackend(FullAttentionBackend):
@@ -108,6 +118,22 @@ def capture(num_tokens: int, layers: list[int], chunk: int = 1024):
         k = cache.k[layer][:, :num_tokens].float().numpy()
         out[layer] = (q, k)
     return config, out
+
+
+def cached_capture(num_tokens: int, layers: list[int], path: Path | None):
+    """`capture`, reusing the arrays saved at `path` by an earlier run with the same args."""
+    if path is None:
+        return capture(num_tokens, layers)
+    config = ModelConfig.from_dir(default_model_dir())
+    if path.exists():
+        data = np.load(path)
+        if int(data["tokens"]) == num_tokens and set(layers) <= set(data["layers"].tolist()):
+            return config, {layer: (data[f"q{layer}"], data[f"k{layer}"]) for layer in layers}
+    config, captured = capture(num_tokens, layers)
+    arrays = {f"q{layer}": q for layer, (q, _) in captured.items()}
+    arrays.update({f"k{layer}": k for layer, (_, k) in captured.items()})
+    np.savez(path, tokens=num_tokens, layers=np.array(layers), **arrays)
+    return config, captured
 
 
 def recall(ids: np.ndarray, truth: np.ndarray) -> float:
@@ -206,6 +232,8 @@ def table(summary: list[dict], k: int, exact_ms: float) -> str:
     ]
     for s in summary:
         effort = "-" if s["knob"] == "-" else f"{s['knob']}={s['value']}"
+        if s["knob"] != "-" and s["value"] == default_effort(s["kind"].split()[0]):
+            effort += " (default)"
         scanned = "n/a" if s["scanned"] is None else f"{100 * s['scanned']:.1f}%"
         add = "-" if s["add_us"] is None else f"{s['add_us']:.1f}"
         lines.append(
@@ -262,11 +290,17 @@ def main() -> None:
         "afterwards, with their decode queries (0: skip)",
     )
     p.add_argument("--out", type=Path, default=HERE / "index_recall")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="npz file holding the captured queries/keys: loaded when it exists (and "
+        "matches --tokens/--layers), else written after the capture",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    config, captured = capture(args.tokens, args.layers)
+    config, captured = cached_capture(args.tokens, args.layers, args.cache)
     print(f"captured {len(args.layers)} layers of a {args.tokens}-token prompt "
           f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     group = config.num_heads // config.num_kv_heads
@@ -307,9 +341,11 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/index_recall.py "
         f"--tokens {args.tokens} --layers {' '.join(map(str, args.layers))} "
         f"--heads {' '.join(map(str, args.heads))} --incremental {args.incremental}`\n\n"
-        "Averaged over the cases (min recall = worst case). Keys scanned: keys whose score "
-        "was computed (IVF: keys in the probed lists; faiss-hnsw: its distance count, "
-        "averaged over the batch). `+add` rows: the index was built on a shorter prompt "
+        "Averaged over the cases (min recall = worst case). Keys scanned: vectors whose "
+        "score was computed (IVF: keys in the probed lists, not counting its centroids; "
+        "faiss-hnsw: its distance count, averaged over the batch; attention-aware: its "
+        "routing centroids, seed keys and expanded keys). `(default)`: the effort the "
+        "server uses. `+add` rows: the index was built on a shorter prompt "
         f"and the last {100 * args.incremental:.0f}% of the keys were added afterwards, "
         "64 at a time, with the decode queries of the steps that evicted them from the "
         "window. Latency: one query per call, best of 3 runs; compare ratios, not absolute "

@@ -21,11 +21,21 @@ they join the guide set (newest kept) and get the projection step (2) online, wi
 their searched top keys. On real attention this brings keys added after the build to
 about the recall of a full build.
 
-Search is a beam search (`ef` candidates) from entry points: the keys that occur most
-often in the sample queries' top lists (or the medoid when there are no queries).
-`scanned` counts the keys whose score was computed. Vectors are read from a
-`KeyStore`, shareable by the indexes of one GQA group. Every key stays reachable from
-the entry points (a spanning tree's edges are never removed).
+Routing (RetrievalAttention-style entry points): the sample queries are clustered
+(spherical k-means, `routes` centroids) and each cluster keeps a *key list*: the keys
+its member queries rank in their exact top-`route_kq`, ordered by rank-weighted votes
+(up to `list_size`). A search scores the centroids, seeds its pool with the first keys
+of the best centroid's list (and the entry points: the keys that occur most often in
+the sample queries' top lists, or the medoid when there are no queries), then expands
+best-first (beam width `ef`) until the pool is exhausted or `scan_factor * max(ef, k)`
+vectors were scored; half of that budget goes to the seeds. `add(keys, queries)`
+routes the decode queries the same way and votes their searched top keys into their
+cluster's list (older votes decay by `list_decay` per query), so lists follow decode.
+
+`scanned` counts every vector scored for the query: centroids, seeds and expanded
+keys. Vectors are read from a `KeyStore`, shareable by the indexes of one GQA group.
+Every key stays reachable from the entry points (a spanning tree's edges are never
+removed).
 """
 
 from __future__ import annotations
@@ -52,16 +62,18 @@ _SCORE_BYTES = 64 << 20  # bound on the [chunk, N] score matrix built at once
 
 
 def sample_topk_and_guides(
-    keys: np.ndarray, queries: np.ndarray, kq: int
+    keys: np.ndarray, queries: np.ndarray, kq: int, width: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass over queries @ keys.T.
 
-    Returns each query's top-kq key ids [M, kq] (best first), its kq-th best score [M]
-    (the cut-off of its top list), and for each key the query that ranks it best
-    relative to that cut-off, (score - cut-off) / |q| [N].
+    Returns each query's top-`width` key ids [M, width] (best first; width defaults to
+    kq, must be >= kq), its kq-th best score [M] (the cut-off of its top-kq list), and
+    for each key the query that ranks it best relative to that cut-off,
+    (score - cut-off) / |q| [N].
     """
     n, m = keys.shape[0], queries.shape[0]
-    nn = np.empty((m, kq), dtype=np.int64)
+    width = kq if width is None else width
+    nn = np.empty((m, width), dtype=np.int64)
     cutoff = np.empty(m, dtype=np.float32)
     best_margin = np.full(n, -np.inf, dtype=np.float32)
     best_query = np.zeros(n, dtype=np.int64)
@@ -70,11 +82,11 @@ def sample_topk_and_guides(
     for lo in range(0, m, chunk):
         hi = min(m, lo + chunk)
         s = queries[lo:hi] @ keys.T
-        part = np.argpartition(s, n - kq, axis=1)[:, n - kq :]
+        part = np.argpartition(s, n - width, axis=1)[:, n - width :]
         top = np.take_along_axis(s, part, axis=1)
         order = np.argsort(-top, axis=1, kind="stable")
         nn[lo:hi] = np.take_along_axis(part, order, axis=1)
-        cutoff[lo:hi] = top.min(axis=1)
+        cutoff[lo:hi] = np.take_along_axis(top, order[:, kq - 1 : kq], axis=1)[:, 0]
         s -= cutoff[lo:hi, None]
         s *= inv_norm[lo:hi, None].astype(np.float32)
         rows = s.argmax(axis=0)
@@ -85,12 +97,33 @@ def sample_topk_and_guides(
     return nn, cutoff, best_query
 
 
+def rank_weights(width: int) -> np.ndarray:
+    """Vote of a key at rank r (0 = best) of a query's top list: 1 / log2(r + 2)."""
+    return (1.0 / np.log2(np.arange(2, width + 2))).astype(np.float32)
+
+
+def spherical_kmeans(x: np.ndarray, c: int, iters: int = 10, seed: int = 0) -> np.ndarray:
+    """Unit-norm centroids [c, D] of the directions of x [M, D] (c <= M)."""
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    centroids = x[rng.choice(len(x), c, replace=False)]
+    for _ in range(iters):
+        assign = np.argmax(x @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, x)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        filled = norms[:, 0] > 0  # an empty cluster keeps its centroid
+        centroids[filled] = sums[filled] / norms[filled]
+    return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
 class AttentionAwareIndex(StoreBackedIndex):
     """Graph index built from sample queries' top-k keys; see the module docstring."""
 
     kind = "attention-aware"
-    tunables = ("ef",)
+    tunables = ("ef", "scan_factor")
     ef = PositiveInt()
+    scan_factor = PositiveInt()
 
     def __init__(
         self,
@@ -105,6 +138,11 @@ class AttentionAwareIndex(StoreBackedIndex):
         max_queries: int = 4096,
         max_guides: int = 1024,
         guide: str = "query",
+        routes: int = 32,
+        route_kq: int = 100,
+        list_size: int = 512,
+        list_decay: float = 0.98,
+        scan_factor: int = 12,
         seed: int = 0,
     ) -> None:
         super().__init__(dim, store)
@@ -118,8 +156,17 @@ class AttentionAwareIndex(StoreBackedIndex):
         self.max_queries = validate_positive("max_queries", max_queries)
         self.max_guides = validate_positive("max_guides", max_guides)
         self.guide = guide
+        if not isinstance(routes, int) or routes < 0:
+            raise ValueError(f"routes must be an int >= 0, got {routes!r}")
+        self.routes = routes
+        self.route_kq = validate_positive("route_kq", route_kq)
+        self.list_size = validate_positive("list_size", list_size)
+        if not 0.0 < list_decay <= 1.0:
+            raise ValueError(f"list_decay must be in (0, 1], got {list_decay!r}")
+        self.list_decay = float(list_decay)
         self.seed = seed
         self.ef = ef
+        self.scan_factor = scan_factor
         self._adj = np.zeros((0, self.degree + self.extra_degree), dtype=np.int32)
         self._pdeg = np.zeros(0, dtype=np.int32)
         self._sdeg = np.zeros(0, dtype=np.int32)
@@ -129,6 +176,11 @@ class AttentionAwareIndex(StoreBackedIndex):
         # Sample queries kept to guide incremental adds, with their top-list cut-offs.
         self._guide_q = np.zeros((0, dim), dtype=np.float32)
         self._guide_cutoff = np.zeros(0, dtype=np.float32)
+        # Routing: query-cluster centroids [C, D] and each one's key list, best first.
+        self._centroids = np.zeros((0, dim), dtype=np.float32)
+        self._lists = np.zeros((0, 0), dtype=np.int32)
+        self._list_w = np.zeros((0, 0), dtype=np.float32)
+        self._list_len = np.zeros(0, dtype=np.int64)
 
     @property
     def entries(self) -> np.ndarray:
@@ -146,7 +198,12 @@ class AttentionAwareIndex(StoreBackedIndex):
         guides = keys
         if queries is not None and len(queries) > 0:
             queries = self._sample(queries)
-            nn, cutoff, best_query = sample_topk_and_guides(keys, queries, min(self.kq, n))
+            kq = min(self.kq, n)
+            width = min(max(kq, self.route_kq), n)
+            top, cutoff, best_query = sample_topk_and_guides(keys, queries, kq, width)
+            nn = np.ascontiguousarray(top[:, :kq])
+            if self.routes:
+                self._build_routes(queries, top)
             if nn.shape[1] > 1:
                 order = np.argsort(nn[:, 0], kind="stable")
                 project(keys, nn, order, self._adj, self._pdeg, self.degree)
@@ -176,6 +233,46 @@ class AttentionAwareIndex(StoreBackedIndex):
         # Keys the repair could not reach (normally none) become entry points.
         self._entries = np.concatenate([self._entries, np.flatnonzero(~seen)])
 
+    def _build_routes(self, queries: np.ndarray, top: np.ndarray) -> None:
+        """Cluster the sample queries and vote each cluster's key list from their top lists."""
+        c = min(self.routes, len(queries))
+        self._centroids = spherical_kmeans(queries, c, seed=self.seed)
+        assign = np.argmax(queries @ self._centroids.T, axis=1)
+        self._lists = np.zeros((c, 0), dtype=np.int32)
+        self._list_w = np.zeros((c, 0), dtype=np.float32)
+        self._list_len = np.zeros(c, dtype=np.int64)
+        for j in range(c):
+            self._vote(j, top[assign == j], 1.0)
+
+    def _vote(self, j: int, top: np.ndarray, keep: float) -> None:
+        """Merge the top lists top [m, w] (-1 padded) into cluster j's key list, whose
+        current votes are first scaled by `keep`."""
+        w = np.broadcast_to(rank_weights(top.shape[1]), top.shape)
+        valid = top >= 0
+        m = int(self._list_len[j])
+        ids = np.concatenate([self._lists[j, :m], top[valid]])
+        votes = np.concatenate([self._list_w[j, :m] * keep, w[valid]])
+        ids, inverse = np.unique(ids, return_inverse=True)
+        votes = np.bincount(inverse, weights=votes).astype(np.float32)
+        order = np.argsort(-votes, kind="stable")[: self.list_size]
+        width = self._lists.shape[1]
+        if len(order) > width:  # lists grow with the keys they hold, up to list_size
+            grow = min(self.list_size, max(len(order), 2 * width)) - width
+            self._lists = np.pad(self._lists, ((0, 0), (0, grow)))
+            self._list_w = np.pad(self._list_w, ((0, 0), (0, grow)))
+        self._lists[j, : len(order)] = ids[order]
+        self._list_w[j, : len(order)] = votes[order]
+        self._list_len[j] = len(order)
+
+    def _route_votes(self, queries: np.ndarray, top: np.ndarray) -> None:
+        """Vote recent queries' searched top keys into their clusters' key lists."""
+        if not len(self._centroids):
+            return
+        self._list_w *= np.float32(self.list_decay ** len(queries))
+        assign = np.argmax(queries @ self._centroids.T, axis=1)
+        for j in np.unique(assign):
+            self._vote(int(j), top[assign == j], 1.0)
+
     def add(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         if queries is not None:
             queries = as_key_matrix(queries, self.dim, "queries")
@@ -195,11 +292,13 @@ class AttentionAwareIndex(StoreBackedIndex):
             guides = readonly(self._guide_q[self._best_guides(guides)])
         self._link(keys, guides, start, end, track_parents=True)
         if queries is not None:
-            top = self._search(queries, min(self.kq, end)).ids
+            kq = min(self.kq, end)
+            top = self._search(queries, min(max(kq, self.route_kq), end)).ids
             project_online(
-                keys, top, self._adj, self._pdeg, self._sdeg, self._indeg, self._parent,
-                self.degree,
+                keys, np.ascontiguousarray(top[:, :kq]), self._adj, self._pdeg, self._sdeg,
+                self._indeg, self._parent, self.degree,
             )  # fmt: skip
+            self._route_votes(queries, top)
 
     def _best_guides(self, keys: np.ndarray) -> np.ndarray:
         """For each key, the guide query that ranks it best relative to its cut-off."""
@@ -243,9 +342,11 @@ class AttentionAwareIndex(StoreBackedIndex):
         self._parent = np.concatenate([self._parent, np.full(new_cap - cap, -1, dtype=np.int64)])
 
     def _search(self, queries: np.ndarray, k: int) -> SearchResult:
+        ef = max(self._ef, k)
         ids, scores, scanned = batch_search(
             readonly(queries), self.keys(), self._adj, self._pdeg, self._sdeg, self.degree,
-            self._entries, max(self._ef, k), k,
+            self._entries, readonly(self._centroids), self._lists, self._list_len, ef,
+            self._scan_factor * ef, k,
         )  # fmt: skip
         return SearchResult(ids=ids, scores=scores, scanned=scanned)
 
@@ -264,6 +365,7 @@ class AttentionAwareIndex(StoreBackedIndex):
     def nbytes(self) -> int:
         arrays = (
             self._adj, self._pdeg, self._sdeg, self._indeg, self._parent, self._entries,
-            self._guide_q, self._guide_cutoff,
+            self._guide_q, self._guide_cutoff, self._centroids, self._lists, self._list_w,
+            self._list_len,
         )  # fmt: skip
         return sum(a.nbytes for a in arrays) + self._store_nbytes()

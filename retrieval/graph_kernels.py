@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 _JIT = dict(nogil=True, cache=True)
+_NO_BUDGET = 1 << 62
 
 
 @njit(fastmath=True, **_JIT)
@@ -104,21 +105,25 @@ def _pool_insert(pid, psc, pexp, size, cap, node, score):
 
 
 @njit(**_JIT)
-def beam_search(q, keys, adj, pdeg, sdeg, wp, entries, ef, visited, stamp, pid, psc, pexp):
-    """Best-first search keeping the `ef` best nodes seen; returns (pool size, scanned).
-
-    `visited[v] == stamp` marks nodes already scored for this query.
-    """
-    size = np.int64(0)
-    scanned = 0
-    for e in entries:
+def _seed(q, keys, seeds, n_seeds, ef, visited, stamp, pid, psc, pexp, size, scanned):
+    """Score seeds[:n_seeds] not yet visited into the pool; returns (size, scanned)."""
+    for t in range(n_seeds):
+        e = seeds[t]
         if visited[e] == stamp:
             continue
         visited[e] = stamp
         scanned += 1
         _, size = _pool_insert(pid, psc, pexp, size, ef, e, _dot(keys, e, q))
+    return size, scanned
+
+
+@njit(**_JIT)
+def _expand(q, keys, adj, pdeg, sdeg, wp, ef, budget, visited, stamp, pid, psc, pexp, size,
+            scanned):  # fmt: skip
+    """Best-first expansion of the pool until every pooled node is expanded or `budget`
+    scores have been computed; returns (pool size, scanned)."""
     i = 0
-    while i < size:
+    while i < size and scanned < budget:
         if pexp[i]:
             i += 1
             continue
@@ -132,17 +137,41 @@ def beam_search(q, keys, adj, pdeg, sdeg, wp, entries, ef, visited, stamp, pid, 
             visited[v] = stamp
             s = _dot(keys, v, q)
             scanned += 1
-            if size == ef and s <= psc[ef - 1]:
-                continue
-            pos, size = _pool_insert(pid, psc, pexp, size, ef, v, s)
-            first_new = min(first_new, pos)
+            if size < ef or s > psc[ef - 1]:
+                pos, size = _pool_insert(pid, psc, pexp, size, ef, v, s)
+                first_new = min(first_new, pos)
+            if scanned >= budget:
+                break
         i = first_new if first_new <= i else i + 1
     return size, scanned
 
 
 @njit(**_JIT)
-def batch_search(queries, keys, adj, pdeg, sdeg, wp, entries, ef, k):
-    """Beam search for each query; returns ids [B, k] (-1 padded), scores, scanned [B]."""
+def beam_search(q, keys, adj, pdeg, sdeg, wp, entries, ef, visited, stamp, pid, psc, pexp):
+    """Best-first search keeping the `ef` best nodes seen; returns (pool size, scanned).
+
+    `visited[v] == stamp` marks nodes already scored for this query.
+    """
+    size, scanned = _seed(
+        q, keys, entries, entries.shape[0], ef, visited, stamp, pid, psc, pexp, 0, 0
+    )
+    return _expand(
+        q, keys, adj, pdeg, sdeg, wp, ef, _NO_BUDGET, visited, stamp, pid, psc, pexp, size,
+        scanned,
+    )  # fmt: skip
+
+
+@njit(**_JIT)
+def batch_search(queries, keys, adj, pdeg, sdeg, wp, entries, centroids, lists, list_len, ef,
+                 budget, k):  # fmt: skip
+    """Routed, budgeted beam search for each query; returns ids [B, k] (-1 padded),
+    scores, scanned [B].
+
+    With routes (centroids [C, D] non-empty), a query scores the C centroids, takes the
+    best one's key list lists[c, :list_len[c]] (its first budget // 2 keys) as seeds
+    besides the entries, then expands best-first. At most `budget` vectors are scored
+    per query, centroids included (every one counts in `scanned`).
+    """
     batch = queries.shape[0]
     ids = np.full((batch, k), -1, dtype=np.int64)
     scores = np.full((batch, k), -np.inf, dtype=np.float32)
@@ -151,9 +180,24 @@ def batch_search(queries, keys, adj, pdeg, sdeg, wp, entries, ef, k):
     pid = np.empty(ef, dtype=np.int64)
     psc = np.empty(ef, dtype=np.float32)
     pexp = np.empty(ef, dtype=np.bool_)
+    n_routes = centroids.shape[0]
     for b in range(batch):
-        size, cnt = beam_search(
-            queries[b], keys, adj, pdeg, sdeg, wp, entries, ef, visited, b + 1, pid, psc, pexp
+        q = queries[b]
+        size, cnt = np.int64(0), np.int64(0)
+        if n_routes > 0:
+            best, best_s = 0, -np.inf
+            for c in range(n_routes):
+                s = _dot(centroids, c, q)
+                if s > best_s:
+                    best, best_s = c, s
+            cnt = n_routes
+            n_seeds = min(list_len[best], max(budget // 2 - cnt, 0))
+            size, cnt = _seed(q, keys, lists[best], n_seeds, ef, visited, b + 1, pid, psc, pexp,
+                              size, cnt)  # fmt: skip
+        size, cnt = _seed(q, keys, entries, entries.shape[0], ef, visited, b + 1, pid, psc, pexp,
+                          size, cnt)  # fmt: skip
+        size, cnt = _expand(
+            q, keys, adj, pdeg, sdeg, wp, ef, budget, visited, b + 1, pid, psc, pexp, size, cnt
         )
         for i in range(min(k, size)):
             ids[b, i] = pid[i]

@@ -12,14 +12,19 @@ through its address, so nothing is gathered or padded.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-# One thread: numba's workqueue pool stalls for milliseconds when another process holds
-# the cores, and a single thread already streams the KV near memory speed.
+# Sequences per thread below which splitting the batch costs more than it saves.
+MIN_SEQS_PER_THREAD = 2
+# Serial kernels: numba's workqueue pool stalls for milliseconds when another process
+# holds the cores. Large batches are split across Python threads instead (the GIL is
+# released), as many as torch's intra-op threads.
 _JIT = dict(nogil=True, fastmath=True, cache=True)
 
 
@@ -141,6 +146,17 @@ def _decode_bf16(q, k_new, v_new, k_addr, v_addr, head_stride, lengths, out, sca
                 out[b, h * group + g, i] = acc_out[g, i] / den[g]
 
 
+_pool: ThreadPoolExecutor | None = None
+
+
+def _split_points(lengths: np.ndarray, parts: int) -> list[int]:
+    """Batch boundaries giving each part about the same number of KV rows to read."""
+    cumulative = np.cumsum(lengths)
+    targets = cumulative[-1] * np.arange(1, parts) / parts
+    cuts = np.searchsorted(cumulative, targets).tolist()
+    return [0] + [min(c + 1, len(lengths)) for c in cuts] + [len(lengths)]
+
+
 def _raw(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; bfloat16 is seen as uint16."""
     if t.dtype == torch.bfloat16:
@@ -167,10 +183,11 @@ def decode_attention(
     """
     if k_new.dtype not in KERNEL_DTYPES:
         raise ValueError(f"decode_attention supports {KERNEL_DTYPES}, got {k_new.dtype}")
+    global _pool
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
     kernel = _decode_bf16 if k_new.dtype == torch.bfloat16 else _decode_f32
-    kernel(
+    args = (
         qf.numpy(),
         _raw(k_new.contiguous()),
         _raw(v_new.contiguous()),
@@ -179,6 +196,21 @@ def decode_attention(
         head_stride,
         lengths,
         out.numpy(),
-        np.float32(scale),
     )
+    parts = min(torch.get_num_threads(), len(lengths) // MIN_SEQS_PER_THREAD)
+    if parts <= 1:
+        kernel(*args, np.float32(scale))
+        return out.to(q.dtype)
+    # The kernel releases the GIL: other threads take the later parts of the batch.
+    if _pool is None or _pool._max_workers < parts - 1:
+        _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="decode-attention")
+    cuts = _split_points(lengths, parts)
+    futures = [
+        _pool.submit(kernel, *(a[lo:hi] for a in args), np.float32(scale))
+        for lo, hi in zip(cuts[1:-1], cuts[2:], strict=True)
+        if hi > lo
+    ]
+    kernel(*(a[: cuts[1]] for a in args), np.float32(scale))
+    for future in futures:
+        future.result()
     return out.to(q.dtype)

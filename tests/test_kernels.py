@@ -210,19 +210,22 @@ def test_attention_over_rows_with_equal_rows_matches_block_attention():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_decode_attention_appends_and_matches_softmax(dtype, tol):
-    """Ragged lengths, different capacities: each sequence's new row lands at its length
-    and its output is softmax attention over its own rows only."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, monkeypatch):
+    """Ragged lengths, different capacities, the batch split across threads or not: each
+    sequence's new row lands at its length and its output is softmax attention over its
+    own rows only."""
     import numpy as np
 
     from kernels.decode_attention import decode_attention
 
-    lengths = [1, 7, 33]
-    caps = [4, 9, 40]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    lengths = [1, 7, 33, 2, 64, 5]
+    caps = [4, 9, 40, 2, 64, 11]
     ks = [rand(HKV, c, D, seed=10 + i).to(dtype) for i, c in enumerate(caps)]
     vs = [rand(HKV, c, D, seed=20 + i).to(dtype) for i, c in enumerate(caps)]
-    q = rand(3, HQ, D, seed=1).to(dtype)
-    k_new, v_new = rand(3, HKV, D, seed=2).to(dtype), rand(3, HKV, D, seed=3).to(dtype)
+    q = rand(6, HQ, D, seed=1).to(dtype)
+    k_new, v_new = rand(6, HKV, D, seed=2).to(dtype), rand(6, HKV, D, seed=3).to(dtype)
     out = decode_attention(
         q,
         k_new,

@@ -83,7 +83,10 @@ def main() -> None:
 
     rows, batch_rows = [], []
     for dtype in args.dtypes:
-        engine = LLMEngine.from_config(EngineConfig(dtype=dtype, max_num_batched_tokens=2048))
+        # No prefix cache: the repeats reuse each prompt and must prefill it every time.
+        engine = LLMEngine.from_config(
+            EngineConfig(dtype=dtype, max_num_batched_tokens=2048, prefix_cache_bytes=0)
+        )
         hf = AutoModelForCausalLM.from_pretrained(
             default_model_dir(), dtype=getattr(torch, dtype)
         ).eval()

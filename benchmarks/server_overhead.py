@@ -31,7 +31,7 @@ def prompts(count: int, length: int) -> list[list[int]]:
 
 
 def offline_tokens_per_s(batch: list[list[int]], tokens: int) -> float:
-    engine = LLMEngine.from_config(EngineConfig())
+    engine = LLMEngine.from_config(EngineConfig(prefix_cache_bytes=0))  # prompts repeat
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     for i, p in enumerate(batch[:2]):  # warm-up
         engine.add_request(f"warm-{i}", p, SamplingParams(max_tokens=4, temperature=0))
@@ -81,7 +81,7 @@ def main() -> None:
     batch = prompts(args.streams, args.prompt_tokens)
     offline = offline_tokens_per_s(batch, args.tokens)
     gc.collect()
-    with ServerProcess() as server:
+    with ServerProcess("--no-prefix-cache") as server:
         served = asyncio.run(http_tokens_per_s(server.url, batch, args.tokens))
     print(
         f"\n{args.streams} concurrent streams, {args.prompt_tokens}-token prompts, "

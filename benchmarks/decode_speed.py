@@ -4,6 +4,7 @@ Measured in one run on this machine, so the ratios are meaningful even when abso
 timings are noisy. Usage:
 
     .venv/bin/python benchmarks/decode_speed.py [--contexts 512 2048] [--decode-tokens 64]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +89,12 @@ def main() -> None:
     for dtype in args.dtypes:
         # No prefix cache: the repeats reuse each prompt and must prefill it every time.
         engine = LLMEngine.from_config(
-            EngineConfig(dtype=dtype, max_num_batched_tokens=2048, prefix_cache_bytes=0)
+            EngineConfig(
+                dtype=dtype,
+                max_num_batched_tokens=2048,
+                prefix_cache_bytes=0,
+                num_threads=args.threads,
+            )
         )
         hf = AutoModelForCausalLM.from_pretrained(
             default_model_dir(), dtype=getattr(torch, dtype)

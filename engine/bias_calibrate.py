@@ -33,7 +33,7 @@ from engine.bias_profile import BiasProfile
 from engine.forward_context import ForwardContext, SequenceSlice
 from engine.llm_engine import LLMEngine
 from engine.mc_data import MCItem, format_prompt, letter_token_ids
-from engine.mc_eval import letter_logits, summarise
+from engine.mc_eval import letter_logits, summarise, token_batches
 
 _PROBE_PROFILE = "__calibrating__"
 
@@ -121,14 +121,7 @@ def capture(
     num_layers = engine.model_config.num_layers
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in Capture.__dataclass_fields__}
     with tqdm(total=len(prompts), disable=not progress, desc="capture", unit="prompt") as bar:
-        start = 0
-        while start < len(prompts):
-            end, tokens = start, 0
-            while end < len(prompts) and (
-                end == start or tokens + len(prompts[end]) <= batch_tokens
-            ):
-                tokens += len(prompts[end])
-                end += 1
+        for start, end in token_batches(prompts, batch_tokens):
             batch = prompts[start:end]
             caches = [engine.router.new_cache("full") for _ in batch]
             slices, ids, pos = [], [], []
@@ -166,7 +159,6 @@ def capture(
             parts["first_value"].append(torch.stack(probe.value, 1).cpu())
             parts["logits"].append(logits[:, letter_ids].cpu())
             bar.update(end - start)
-            start = end
     return Capture(**{k: torch.cat(v) for k, v in parts.items()})
 
 

@@ -8,6 +8,7 @@ prediction is their argmax.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,19 @@ from engine.llm_engine import LLMEngine
 from engine.mc_data import LETTERS, MCItem, format_prompt, letter_token_ids
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+
+
+def token_batches(prompts: list[list[int]], batch_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, end) ranges of prompts holding at most `batch_tokens` tokens
+    each (a longer prompt gets a range of its own)."""
+    start = 0
+    while start < len(prompts):
+        end, tokens = start, 0
+        while end < len(prompts) and (end == start or tokens + len(prompts[end]) <= batch_tokens):
+            tokens += len(prompts[end])
+            end += 1
+        yield start, end
+        start = end
 
 
 def letter_logits(
@@ -40,14 +54,7 @@ def letter_logits(
     adapter_slot = 0 if lofit is None else engine.lofit.slot(lofit)
     out: list[torch.Tensor] = []
     with tqdm(total=len(prompts), disable=not progress, desc="score", unit="prompt") as bar:
-        start = 0
-        while start < len(prompts):
-            end, tokens = start, 0
-            while end < len(prompts) and (
-                end == start or tokens + len(prompts[end]) <= batch_tokens
-            ):
-                tokens += len(prompts[end])
-                end += 1
+        for start, end in token_batches(prompts, batch_tokens):
             seqs = [
                 Sequence(
                     seq_id=-1 - i,
@@ -73,7 +80,6 @@ def letter_logits(
                     engine.router.free(s.cache)
             out.append(logits[:, letter_ids].cpu())
             bar.update(end - start)
-            start = end
     return torch.cat(out)
 
 

@@ -386,3 +386,11 @@ def test_cli_calibrate_then_eval(tiny_model_dir, tmp_path, capsys):
     assert abs(sum(report["shares"].values()) - 1) < 1e-6
     assert main(["eval", "mcq", "--data", str(data), "--correction", "anchored", *model]) == 1
     assert "needs --profile" in capsys.readouterr().err
+
+
+def test_token_batches_respect_the_budget_and_cover_every_prompt():
+    from engine.mc_eval import token_batches
+
+    prompts = [[1] * n for n in (3, 4, 9, 2, 2, 2)]
+    assert list(token_batches(prompts, 8)) == [(0, 2), (2, 3), (3, 6)]
+    assert list(token_batches([], 8)) == []

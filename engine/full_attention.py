@@ -8,7 +8,7 @@ part is computed separately and merged by log-sum-exp, so no prefix K/V is copie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,12 +20,29 @@ from kernels import merge_partials, partial_attention
 from kernels.decode_attention import KERNEL_DTYPES, decode_attention
 
 
+def _addresses(tensors) -> np.ndarray:
+    return np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class FullSegment:
     """Frozen K/V [Hkv, n, D] per layer of positions [start, start + n)."""
 
     k: tuple[torch.Tensor, ...]
     v: tuple[torch.Tensor, ...]
+    # Buffer addresses per layer, for the decode kernel.
+    k_addr: np.ndarray = field(init=False, repr=False, compare=False)
+    v_addr: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not all(t.is_contiguous() for t in self.k + self.v):
+            raise ValueError("FullSegment tensors must be contiguous (the decode kernel reads)")
+        object.__setattr__(self, "k_addr", _addresses(self.k))
+        object.__setattr__(self, "v_addr", _addresses(self.v))
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1] if self.k else 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -80,8 +97,7 @@ class FullKVCache:
             new_k.append(k)
             new_v.append(v)
         self.k, self.v, self.capacity = new_k, new_v, capacity
-        self.k_addr = np.array([t.data_ptr() for t in new_k], dtype=np.int64)
-        self.v_addr = np.array([t.data_ptr() for t in new_v], dtype=np.int64)
+        self.k_addr, self.v_addr = _addresses(new_k), _addresses(new_v)
 
     def reserve(self, total_len: int, exact: bool = False) -> None:
         """Room for a sequence of `total_len` tokens (exactly that much with `exact`)."""
@@ -164,31 +180,47 @@ def _attend_with_base(
 
 @dataclass
 class _DecodeBatch:
-    """The step's single-token sequences without base segments, for `decode_attention`:
-    their rows in the packed batch and their caches' buffer addresses per layer."""
+    """The step's single-token sequences, for `decode_attention`: their rows in the packed
+    batch and, per layer, the addresses of their KV segments (frozen base segments, then
+    the own buffer)."""
 
     rows: torch.Tensor | None  # packed indices; None when the step is all of them, in order
-    k_addr: np.ndarray  # [num_layers, B]
-    v_addr: np.ndarray
-    head_stride: np.ndarray  # [B] elements between KV heads (capacity * head_dim)
-    lengths: np.ndarray  # [B] tokens after this step
+    seg_start: np.ndarray  # [B + 1]
+    seg_k: np.ndarray  # [num_layers, S]
+    seg_v: np.ndarray
+    seg_stride: np.ndarray  # [S] elements between KV heads
+    seg_len: np.ndarray  # [S] rows attended (the own buffer's include the new token)
 
 
 def plan_decode_batch(slices: list[SequenceSlice], head_dim: int) -> _DecodeBatch | None:
     """Group the decode slices (their caches already reserved) for the batched kernel."""
-    picked = [s for s in slices if s.num_new == 1 and not s.cache.base]
+    picked = [s for s in slices if s.num_new == 1]
     if not picked:
         return None
-    caches = [s.cache for s in picked]
     rows = None
     if len(picked) != len(slices) or any(s.start != i for i, s in enumerate(picked)):
         rows = torch.tensor([s.start for s in picked], dtype=torch.long)
+    seg_k, seg_v, stride, length, start = [], [], [], [], [0]
+    for s in picked:
+        cache: FullKVCache = s.cache
+        for seg in cache.base:
+            n = seg.length
+            seg_k.append(seg.k_addr)
+            seg_v.append(seg.v_addr)
+            stride.append(n * head_dim)
+            length.append(n)
+        seg_k.append(cache.k_addr)
+        seg_v.append(cache.v_addr)
+        stride.append(cache.capacity * head_dim)
+        length.append(s.total_len - cache.base_len)
+        start.append(len(length))
     return _DecodeBatch(
         rows=rows,
-        k_addr=np.ascontiguousarray(np.stack([c.k_addr for c in caches], axis=1)),
-        v_addr=np.ascontiguousarray(np.stack([c.v_addr for c in caches], axis=1)),
-        head_stride=np.array([c.capacity * head_dim for c in caches], dtype=np.int64),
-        lengths=np.array([s.total_len - s.cache.base_len for s in picked], dtype=np.int64),
+        seg_start=np.array(start, dtype=np.int64),
+        seg_k=np.ascontiguousarray(np.stack(seg_k, axis=1)),
+        seg_v=np.ascontiguousarray(np.stack(seg_v, axis=1)),
+        seg_stride=np.array(stride, dtype=np.int64),
+        seg_len=np.array(length, dtype=np.int64),
     )
 
 
@@ -268,10 +300,11 @@ class FullAttentionBackend(AttentionBackend):
                 pick(q),
                 pick(k),
                 pick(v),
-                decode.k_addr[layer],
-                decode.v_addr[layer],
-                decode.head_stride,
-                decode.lengths,
+                decode.seg_start,
+                decode.seg_k[layer],
+                decode.seg_v[layer],
+                decode.seg_stride,
+                decode.seg_len,
                 scale,
             )
             if rows is None:
@@ -284,7 +317,7 @@ class FullAttentionBackend(AttentionBackend):
             total = s.total_len
             if last_layer:
                 cache.length = total
-            if decode is not None and s.num_new == 1 and not cache.base:
+            if decode is not None and s.num_new == 1:
                 continue
             kb, vb = cache.k[layer], cache.v[layer]
             first, end = s.num_cached - cache.base_len, total - cache.base_len

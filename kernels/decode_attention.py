@@ -6,8 +6,9 @@ small matmuls, a softmax, the KV appends) cost more in dispatch than in arithmet
 to its own cache buffer and attends over it, (sequence, KV head) by (sequence, KV head),
 reading each key row once for all query heads of its GQA group. Arithmetic is in float32.
 
-Each sequence's cache stays a separate tensor [Hkv, capacity, D]; the kernel reaches it
-through its address, so nothing is gathered or padded.
+Each sequence's cache stays where it is: its own buffer [Hkv, capacity, D] and any
+frozen prefix-cache segments before it, which the kernel reaches by address, so nothing
+is gathered, padded or merged.
 """
 
 from __future__ import annotations
@@ -63,87 +64,71 @@ def _softmax_rows(scores, n):
     return den
 
 
+@njit(inline="always")
+def _append_row(address, stride, row, h, new, itemsize):
+    """Write `new` [D] as row `row` of head h of the buffer at `address`."""
+    d = new.shape[0]
+    if itemsize == 4:
+        carray(_f32_at(address + 4 * (h * stride + row * d)), (d,))[:] = new
+    else:
+        carray(_u16_at(address + 2 * (h * stride + row * d)), (d,))[:] = new
+
+
 @njit(inline="always", fastmath=True)
-def _attend_rows(qg, keys, values, n, scale, out_rows):
-    """out_rows[g] = softmax(scale * qg[g] . keys[:n]) @ values[:n], all float32."""
-    group, d = qg.shape
-    scores = np.empty((group, n), dtype=np.float32)
-    for j in range(n):
-        for g in range(group):
-            acc = np.float32(0.0)
-            for i in range(d):
-                acc += qg[g, i] * keys[j, i]
-            scores[g, j] = acc * scale
-    den = _softmax_rows(scores, n)
-    acc_out = np.zeros((group, d), dtype=np.float32)
-    for j in range(n):
-        for g in range(group):
-            p = scores[g, j]
-            for i in range(d):
-                acc_out[g, i] += p * values[j, i]
-    for g in range(group):
-        for i in range(d):
-            out_rows[g, i] = acc_out[g, i] / den[g]
+def _load_row(address, stride, row, h, d, itemsize, bits):
+    """Row `row` of head h as float32 (bfloat16 rows are widened into `bits`)."""
+    if itemsize == 4:
+        return carray(_f32_at(address + 4 * (h * stride + row * d)), (d,))
+    src = carray(_u16_at(address + 2 * (h * stride + row * d)), (d,))
+    for i in range(d):
+        bits[i] = np.uint32(src[i]) << 16
+    return bits.view(np.float32)
 
 
 @njit(**_JIT)
-def _decode_f32(q, k_new, v_new, k_addr, v_addr, head_stride, lengths, out, scale):
-    batch, hq, d = q.shape
-    hkv = k_new.shape[1]
-    group = hq // hkv
-    for work in range(batch * hkv):
-        b = work // hkv
-        h = work - b * hkv
-        n = lengths[b]
-        offset = 4 * h * head_stride[b]
-        keys = carray(_f32_at(k_addr[b] + offset), (n, d))
-        values = carray(_f32_at(v_addr[b] + offset), (n, d))
-        keys[n - 1, :] = k_new[b, h]
-        values[n - 1, :] = v_new[b, h]
-        rows = slice(h * group, (h + 1) * group)
-        _attend_rows(q[b, rows], keys, values, n, scale, out[b, rows])
-
-
-@njit(**_JIT)
-def _decode_bf16(q, k_new, v_new, k_addr, v_addr, head_stride, lengths, out, scale):
-    """As _decode_f32 for bfloat16 caches seen as uint16 (widened row by row); q and out
-    are float32."""
-    batch, hq, d = q.shape
+def _decode_segments(
+    q, k_new, v_new, seg_start, seg_k, seg_v, seg_stride, seg_len, out, scale, lo, hi, itemsize
+):
+    """Sequences lo..hi-1: append the new row to each one's last segment, then attend
+    over all rows of all its segments (one softmax over their union)."""
+    hq, d = q.shape[1], q.shape[2]
     hkv = k_new.shape[1]
     group = hq // hkv
     bits = np.empty(d, dtype=np.uint32)
-    row = bits.view(np.float32)
-    for work in range(batch * hkv):
-        b = work // hkv
-        h = work - b * hkv
-        n = lengths[b]
-        offset = 2 * h * head_stride[b]
-        keys = carray(_u16_at(k_addr[b] + offset), (n, d))
-        values = carray(_u16_at(v_addr[b] + offset), (n, d))
-        keys[n - 1, :] = k_new[b, h]
-        values[n - 1, :] = v_new[b, h]
-        qg = q[b, h * group : (h + 1) * group]
-        scores = np.empty((group, n), dtype=np.float32)
-        for j in range(n):
-            for i in range(d):
-                bits[i] = np.uint32(keys[j, i]) << 16
+    for b in range(lo, hi):
+        first, last = seg_start[b], seg_start[b + 1] - 1
+        n = 0
+        for s in range(first, last + 1):
+            n += seg_len[s]
+        for h in range(hkv):
+            _append_row(seg_k[last], seg_stride[last], seg_len[last] - 1, h, k_new[b, h], itemsize)
+            _append_row(seg_v[last], seg_stride[last], seg_len[last] - 1, h, v_new[b, h], itemsize)
+            qg = q[b, h * group : (h + 1) * group]
+            scores = np.empty((group, n), dtype=np.float32)
+            j = 0
+            for s in range(first, last + 1):
+                for r in range(seg_len[s]):
+                    key = _load_row(seg_k[s], seg_stride[s], r, h, d, itemsize, bits)
+                    for g in range(group):
+                        acc = np.float32(0.0)
+                        for i in range(d):
+                            acc += qg[g, i] * key[i]
+                        scores[g, j] = acc * scale
+                    j += 1
+            den = _softmax_rows(scores, n)
+            acc_out = np.zeros((group, d), dtype=np.float32)
+            j = 0
+            for s in range(first, last + 1):
+                for r in range(seg_len[s]):
+                    value = _load_row(seg_v[s], seg_stride[s], r, h, d, itemsize, bits)
+                    for g in range(group):
+                        p = scores[g, j]
+                        for i in range(d):
+                            acc_out[g, i] += p * value[i]
+                    j += 1
             for g in range(group):
-                acc = np.float32(0.0)
                 for i in range(d):
-                    acc += qg[g, i] * row[i]
-                scores[g, j] = acc * scale
-        den = _softmax_rows(scores, n)
-        acc_out = np.zeros((group, d), dtype=np.float32)
-        for j in range(n):
-            for i in range(d):
-                bits[i] = np.uint32(values[j, i]) << 16
-            for g in range(group):
-                p = scores[g, j]
-                for i in range(d):
-                    acc_out[g, i] += p * row[i]
-        for g in range(group):
-            for i in range(d):
-                out[b, h * group + g, i] = acc_out[g, i] / den[g]
+                    out[b, h * group + g, i] = acc_out[g, i] / den[g]
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -168,49 +153,56 @@ def decode_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-    k_addr: np.ndarray,
-    v_addr: np.ndarray,
-    head_stride: np.ndarray,
-    lengths: np.ndarray,
+    seg_start: np.ndarray,
+    seg_k: np.ndarray,
+    seg_v: np.ndarray,
+    seg_stride: np.ndarray,
+    seg_len: np.ndarray,
     scale: float,
 ) -> torch.Tensor:
     """Append each sequence's new K/V row and attend over its cache, for a batch.
 
-    q [B, Hq, D]; k_new, v_new [B, Hkv, D] in the caches' dtype. Sequence b's cache is
-    the contiguous buffer pair at k_addr[b], v_addr[b] shaped [Hkv, head_stride[b] / D, D];
-    its new row goes to index lengths[b] - 1 and attention covers rows [0, lengths[b]).
-    Returns [B, Hq, D] in q's dtype. The caller keeps the buffers alive and large enough.
+    q [B, Hq, D]; k_new, v_new [B, Hkv, D] in the caches' dtype. Sequence b's KV lives in
+    segments seg_start[b] .. seg_start[b + 1] - 1: segment s is a contiguous pair of
+    buffers at addresses seg_k[s], seg_v[s] shaped [Hkv, seg_stride[s] / D, D] of which
+    rows [0, seg_len[s]) are attended. The new row is written to row seg_len[s] - 1 of the
+    sequence's last segment. Returns [B, Hq, D] in q's dtype. The caller keeps the
+    buffers alive and large enough.
     """
+    global _pool
     if k_new.dtype not in KERNEL_DTYPES:
         raise ValueError(f"decode_attention supports {KERNEL_DTYPES}, got {k_new.dtype}")
-    global _pool
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
-    kernel = _decode_bf16 if k_new.dtype == torch.bfloat16 else _decode_f32
     args = (
         qf.numpy(),
         _raw(k_new.contiguous()),
         _raw(v_new.contiguous()),
-        k_addr,
-        v_addr,
-        head_stride,
-        lengths,
+        seg_start,
+        seg_k,
+        seg_v,
+        seg_stride,
+        seg_len,
         out.numpy(),
+        np.float32(scale),
     )
-    parts = min(torch.get_num_threads(), len(lengths) // MIN_SEQS_PER_THREAD)
+    itemsize = k_new.element_size()
+    batch = len(seg_start) - 1
+    parts = min(torch.get_num_threads(), batch // MIN_SEQS_PER_THREAD)
     if parts <= 1:
-        kernel(*args, np.float32(scale))
+        _decode_segments(*args, 0, batch, itemsize)
         return out.to(q.dtype)
     # The kernel releases the GIL: other threads take the later parts of the batch.
     if _pool is None or _pool._max_workers < parts - 1:
         _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="decode-attention")
-    cuts = _split_points(lengths, parts)
+    rows = np.add.reduceat(seg_len, seg_start[:-1])
+    cuts = _split_points(rows, parts)
     futures = [
-        _pool.submit(kernel, *(a[lo:hi] for a in args), np.float32(scale))
+        _pool.submit(_decode_segments, *args, lo, hi, itemsize)
         for lo, hi in zip(cuts[1:-1], cuts[2:], strict=True)
         if hi > lo
     ]
-    kernel(*(a[: cuts[1]] for a in args), np.float32(scale))
+    _decode_segments(*args, 0, cuts[1], itemsize)
     for future in futures:
         future.result()
     return out.to(q.dtype)

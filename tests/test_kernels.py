@@ -212,34 +212,47 @@ def test_attention_over_rows_with_equal_rows_matches_block_attention():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, monkeypatch):
-    """Ragged lengths, different capacities, the batch split across threads or not: each
-    sequence's new row lands at its length and its output is softmax attention over its
-    own rows only."""
+    """Ragged lengths, spare capacity, frozen segments before the own buffer, the batch
+    split across threads or not: each sequence's new row lands in its own buffer at its
+    length, and its output is softmax attention over the rows of its own segments only."""
     import numpy as np
 
     from kernels.decode_attention import decode_attention
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    lengths = [1, 7, 33, 2, 64, 5]
-    caps = [4, 9, 40, 2, 64, 11]
-    ks = [rand(HKV, c, D, seed=10 + i).to(dtype) for i, c in enumerate(caps)]
-    vs = [rand(HKV, c, D, seed=20 + i).to(dtype) for i, c in enumerate(caps)]
-    q = rand(6, HQ, D, seed=1).to(dtype)
-    k_new, v_new = rand(6, HKV, D, seed=2).to(dtype), rand(6, HKV, D, seed=3).to(dtype)
+    # per sequence: (capacity, rows attended) of each segment; the last is the own buffer
+    layout = [[(4, 1)], [(9, 7)], [(5, 5), (3, 3), (40, 33)], [(2, 2)], [(64, 64)]]
+    layout.append([(6, 6), (11, 1)])
+
+    def buffer(capacity: int, seed: int) -> torch.Tensor:
+        return rand(HKV, capacity, D, seed=seed).to(dtype)
+
+    segs = [
+        [(buffer(c, 100 * b + i), buffer(c, 100 * b + 50 + i), n) for i, (c, n) in enumerate(seq)]
+        for b, seq in enumerate(layout)
+    ]
+    flat = [seg for seq in segs for seg in seq]
+    batch = len(segs)
+    q = rand(batch, HQ, D, seed=1).to(dtype)
+    k_new, v_new = rand(batch, HKV, D, seed=2).to(dtype), rand(batch, HKV, D, seed=3).to(dtype)
     out = decode_attention(
         q,
         k_new,
         v_new,
-        np.array([k.data_ptr() for k in ks], dtype=np.int64),
-        np.array([v.data_ptr() for v in vs], dtype=np.int64),
-        np.array([c * D for c in caps], dtype=np.int64),
-        np.array(lengths, dtype=np.int64),
+        np.cumsum([0] + [len(seq) for seq in segs]).astype(np.int64),
+        np.array([k.data_ptr() for k, _, _ in flat], dtype=np.int64),
+        np.array([v.data_ptr() for _, v, _ in flat], dtype=np.int64),
+        np.array([k.shape[1] * D for k, _, _ in flat], dtype=np.int64),
+        np.array([n for _, _, n in flat], dtype=np.int64),
         SCALE,
     )
     assert out.dtype == dtype and out.shape == q.shape
-    for b, n in enumerate(lengths):
-        assert torch.equal(ks[b][:, n - 1], k_new[b]) and torch.equal(vs[b][:, n - 1], v_new[b])
-        want, _ = full_softmax(q[b].float(), ks[b][:, :n].float(), vs[b][:, :n].float(), SCALE)
+    for b, seq in enumerate(segs):
+        own_k, own_v, n = seq[-1]
+        assert torch.equal(own_k[:, n - 1], k_new[b]) and torch.equal(own_v[:, n - 1], v_new[b])
+        keys = torch.cat([k[:, :m] for k, _, m in seq], 1).float()
+        values = torch.cat([v[:, :m] for _, v, m in seq], 1).float()
+        want, _ = full_softmax(q[b].float(), keys, values, SCALE)
         torch.testing.assert_close(out[b].double(), want, atol=tol, rtol=tol)
 
 
@@ -252,4 +265,4 @@ def test_decode_attention_rejects_other_dtypes():
     q = torch.zeros(1, HQ, D, dtype=torch.float64)
     kv = torch.zeros(1, HKV, D, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
-        decode_attention(q, kv, kv, one, one, one, one + 1, SCALE)
+        decode_attention(q, kv, kv, np.array([0, 1]), one, one, one, one + 1, SCALE)

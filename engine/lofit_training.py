@@ -152,8 +152,8 @@ class LofitTrainer:
     ) -> TrainResult:
         """Stage 1 (rank heads by ||A||) on one set, stage 2 (offsets) on another."""
         cfg = self.config
-        data_a = self._tokenize(stage1_examples)
-        data_v = self._tokenize(stage2_examples)
+        data_a = self.tokenize(stage1_examples)
+        data_v = self.tokenize(stage2_examples)
         torch.manual_seed(cfg.seed)
         rng = random.Random(cfg.seed)
         vec = self.vectors
@@ -166,7 +166,7 @@ class LofitTrainer:
             vec.v.zero_()
             vec.v_mask.zero_()
         start = time.monotonic()
-        result_losses["A"] = self._run_stage(
+        result_losses["A"] = self.run_stage(
             data_a, rng, vec.A, cfg.lr_a, cfg.epochs_a, cfg.l1_a, "stage 1 (A, all heads)"
         )
         seconds["A"] = time.monotonic() - start
@@ -186,7 +186,7 @@ class LofitTrainer:
             for layer, head in heads:
                 vec.v_mask[layer, head] = 1
         start = time.monotonic()
-        result_losses["v"] = self._run_stage(
+        result_losses["v"] = self.run_stage(
             data_v, rng, vec.v, cfg.lr_v, cfg.epochs_v, cfg.l1_v, f"stage 2 (v, {k} heads)"
         )
         seconds["v"] = time.monotonic() - start
@@ -201,7 +201,7 @@ class LofitTrainer:
         )
         return TrainResult(adapter, ranking, result_losses, seconds)
 
-    def _tokenize(self, examples: list[Example]) -> list[TokenizedExample]:
+    def tokenize(self, examples: list[Example]) -> list[TokenizedExample]:
         max_len = self.config.max_len
         data = tokenize_examples(self.tokenizer, examples, self.eos_id, max_len)
         if not data:
@@ -212,7 +212,7 @@ class LofitTrainer:
             )
         return data
 
-    def _run_stage(
+    def run_stage(
         self,
         data: list[TokenizedExample],
         rng: random.Random,

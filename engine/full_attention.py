@@ -296,7 +296,7 @@ class FullAttentionBackend(AttentionBackend):
         if decode is not None:
             rows = decode.rows
             pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-            attended = decode_attention(
+            attended, _ = decode_attention(
                 pick(q),
                 pick(k),
                 pick(v),
@@ -308,9 +308,9 @@ class FullAttentionBackend(AttentionBackend):
                 scale,
             )
             if rows is None:
-                out = attended
+                out = attended.to(q.dtype)
             else:
-                out.index_copy_(0, rows, attended)
+                out.index_copy_(0, rows, attended.to(q.dtype))
         last_layer = layer == self.shape.num_layers - 1
         for s in ctx.slices:
             cache: FullKVCache = s.cache

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from copy import deepcopy
 
+import numpy as np
 import torch
 
 from engine.attention_backend import AttentionBackend, CacheShape
@@ -39,6 +40,7 @@ from kernels import (
     merge_partials,
     partial_attention,
 )
+from kernels.decode_attention import KERNEL_DTYPES, decode_attention
 
 MODES = ("retrieval", "streaming")
 _COUNTERS = ("queries", "scanned", "candidates")
@@ -75,6 +77,7 @@ class TieredAttentionBackend(AttentionBackend):
         self._live: dict[int, TieredCache] = {}
         self._snapshots: dict[int, TieredSnapshot] = {}
         self._retired = dict.fromkeys(_COUNTERS, 0)
+        self._kernel_ok = shape.device.type == "cpu" and shape.dtype in KERNEL_DTYPES
 
     # -- cache lifecycle ------------------------------------------------------------------
 
@@ -225,24 +228,10 @@ class TieredAttentionBackend(AttentionBackend):
         rows = torch.tensor([s.start for s in slices], device=q.device)
         qd, kd, vd = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
         lens = [s.cache.device_len(s.num_cached) for s in slices]
-        width = max(lens) + 1  # the device tiers, padded, then the new token
-        ragged = min(lens) != max(lens)
-        alloc = torch.zeros if ragged else torch.empty  # padding must not hold NaN
-        bsz, hkv, d = kd.shape
-        kb = alloc(bsz, hkv, width, d, dtype=self.shape.dtype, device=q.device)
-        vb = alloc(bsz, hkv, width, d, dtype=self.shape.dtype, device=q.device)
-        for i, (s, n) in enumerate(zip(slices, lens, strict=True)):
-            if n:
-                kb[i, :, :n] = s.cache.dev_k[layer][:, :n]
-                vb[i, :, :n] = s.cache.dev_v[layer][:, :n]
-        kb[:, :, -1] = kd
-        vb[:, :, -1] = vd
-        key_mask = None
-        if ragged:
-            filled = torch.tensor(lens, device=q.device).unsqueeze(1)
-            key_mask = torch.arange(width, device=q.device).unsqueeze(0) < filled
-            key_mask[:, -1] = True
-        o, lse = batched_partial_attention(qd, kb, vb, scale, key_mask)
+        if self._kernel_ok:
+            o, lse = self._device_attention(layer, slices, lens, qd, kd, vd, scale)
+        else:
+            o, lse = self._padded_device_attention(layer, slices, lens, qd, kd, vd, scale)
 
         if self.config.keep_host:
             hosted = [i for i, s in enumerate(slices) if s.cache.total_host_len(layer)]
@@ -255,6 +244,68 @@ class TieredAttentionBackend(AttentionBackend):
         for i, s in enumerate(slices):
             s.cache.append(layer, kd[i].unsqueeze(1), vd[i].unsqueeze(1), s.num_cached)
         out.index_copy_(0, rows, o.to(out.dtype))
+
+    def _device_attention(
+        self,
+        layer: int,
+        slices: list[SequenceSlice],
+        lens: list[int],
+        qd: torch.Tensor,
+        kd: torch.Tensor,
+        vd: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's filled device slots plus its new token, by the CPU kernel,
+        which reads the device buffers in place (attention ignores the slot order)."""
+        bsz, hkv, d = kd.shape
+        kd, vd = kd.contiguous(), vd.contiguous()
+        row_bytes = hkv * d * kd.element_size()
+        new_rows = np.arange(bsz, dtype=np.int64) * row_bytes
+        seg_k = np.empty(2 * bsz, dtype=np.int64)
+        seg_v = np.empty(2 * bsz, dtype=np.int64)
+        seg_k[0::2] = [s.cache.dev_k[layer].data_ptr() for s in slices]
+        seg_v[0::2] = [s.cache.dev_v[layer].data_ptr() for s in slices]
+        seg_k[1::2] = kd.data_ptr() + new_rows
+        seg_v[1::2] = vd.data_ptr() + new_rows
+        seg_stride = np.empty(2 * bsz, dtype=np.int64)
+        seg_stride[0::2] = [s.cache.dev_k[layer].shape[1] * d for s in slices]
+        seg_stride[1::2] = d
+        seg_len = np.ones(2 * bsz, dtype=np.int64)
+        seg_len[0::2] = lens
+        seg_start = np.arange(0, 2 * bsz + 1, 2, dtype=np.int64)
+        return decode_attention(
+            qd, kd, vd, seg_start, seg_k, seg_v, seg_stride, seg_len, scale, append=False
+        )
+
+    def _padded_device_attention(
+        self,
+        layer: int,
+        slices: list[SequenceSlice],
+        lens: list[int],
+        qd: torch.Tensor,
+        kd: torch.Tensor,
+        vd: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_device_attention` for any device: copy the tiers into a padded batch."""
+        width = max(lens) + 1  # the device tiers, padded, then the new token
+        ragged = min(lens) != max(lens)
+        alloc = torch.zeros if ragged else torch.empty  # padding must not hold NaN
+        bsz, hkv, d = kd.shape
+        kb = alloc(bsz, hkv, width, d, dtype=self.shape.dtype, device=qd.device)
+        vb = alloc(bsz, hkv, width, d, dtype=self.shape.dtype, device=qd.device)
+        for i, (s, n) in enumerate(zip(slices, lens, strict=True)):
+            if n:
+                kb[i, :, :n] = s.cache.dev_k[layer][:, :n]
+                vb[i, :, :n] = s.cache.dev_v[layer][:, :n]
+        kb[:, :, -1] = kd
+        vb[:, :, -1] = vd
+        key_mask = None
+        if ragged:
+            filled = torch.tensor(lens, device=qd.device).unsqueeze(1)
+            key_mask = torch.arange(width, device=qd.device).unsqueeze(0) < filled
+            key_mask[:, -1] = True
+        return batched_partial_attention(qd, kb, vb, scale, key_mask)
 
     def _host_attention(
         self, layer: int, slices: list[SequenceSlice], q: torch.Tensor, scale: float

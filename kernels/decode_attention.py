@@ -47,8 +47,9 @@ _u16_at = _pointer_intrinsic(types.uint16)
 
 
 @njit(inline="always", fastmath=True)
-def _softmax_rows(scores, n):
-    """In place: each row of scores[:, :n] becomes exp(s - max); returns the row sums."""
+def _softmax_rows(scores, n, maxes):
+    """In place: each row of scores[:, :n] becomes exp(s - max); returns the row sums and
+    writes the row maxima to `maxes`."""
     group = scores.shape[0]
     den = np.empty(group, dtype=np.float32)
     for g in range(group):
@@ -61,6 +62,7 @@ def _softmax_rows(scores, n):
             scores[g, j] = p
             total += p
         den[g] = total
+        maxes[g] = m
     return den
 
 
@@ -87,22 +89,26 @@ def _load_row(address, stride, row, h, d, itemsize, bits):
 
 @njit(**_JIT)
 def _decode_segments(
-    q, k_new, v_new, seg_start, seg_k, seg_v, seg_stride, seg_len, out, scale, lo, hi, itemsize
-):
-    """Sequences lo..hi-1: append the new row to each one's last segment, then attend
-    over all rows of all its segments (one softmax over their union)."""
+    q, k_new, v_new, seg_start, seg_k, seg_v, seg_stride, seg_len, out, lse, scale, lo, hi,
+    itemsize, append,
+):  # fmt: skip
+    """Sequences lo..hi-1: (with `append`) write the new row into each one's last segment,
+    then attend over all rows of all its segments (one softmax over their union)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = k_new.shape[1]
     group = hq // hkv
     bits = np.empty(d, dtype=np.uint32)
+    maxes = np.empty(group, dtype=np.float32)
     for b in range(lo, hi):
         first, last = seg_start[b], seg_start[b + 1] - 1
         n = 0
         for s in range(first, last + 1):
             n += seg_len[s]
         for h in range(hkv):
-            _append_row(seg_k[last], seg_stride[last], seg_len[last] - 1, h, k_new[b, h], itemsize)
-            _append_row(seg_v[last], seg_stride[last], seg_len[last] - 1, h, v_new[b, h], itemsize)
+            if append:
+                row = seg_len[last] - 1
+                _append_row(seg_k[last], seg_stride[last], row, h, k_new[b, h], itemsize)
+                _append_row(seg_v[last], seg_stride[last], row, h, v_new[b, h], itemsize)
             qg = q[b, h * group : (h + 1) * group]
             scores = np.empty((group, n), dtype=np.float32)
             j = 0
@@ -115,7 +121,7 @@ def _decode_segments(
                             acc += qg[g, i] * key[i]
                         scores[g, j] = acc * scale
                     j += 1
-            den = _softmax_rows(scores, n)
+            den = _softmax_rows(scores, n, maxes)
             acc_out = np.zeros((group, d), dtype=np.float32)
             j = 0
             for s in range(first, last + 1):
@@ -127,6 +133,7 @@ def _decode_segments(
                             acc_out[g, i] += p * value[i]
                     j += 1
             for g in range(group):
+                lse[b, h * group + g] = maxes[g] + np.log(den[g])
                 for i in range(d):
                     out[b, h * group + g, i] = acc_out[g, i] / den[g]
 
@@ -159,21 +166,25 @@ def decode_attention(
     seg_stride: np.ndarray,
     seg_len: np.ndarray,
     scale: float,
-) -> torch.Tensor:
+    append: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Append each sequence's new K/V row and attend over its cache, for a batch.
 
     q [B, Hq, D]; k_new, v_new [B, Hkv, D] in the caches' dtype. Sequence b's KV lives in
     segments seg_start[b] .. seg_start[b + 1] - 1: segment s is a contiguous pair of
     buffers at addresses seg_k[s], seg_v[s] shaped [Hkv, seg_stride[s] / D, D] of which
-    rows [0, seg_len[s]) are attended. The new row is written to row seg_len[s] - 1 of the
-    sequence's last segment. Returns [B, Hq, D] in q's dtype. The caller keeps the
-    buffers alive and large enough.
+    rows [0, seg_len[s]) are attended (each sequence needs at least one row). With
+    `append` the new row is first written to row seg_len[s] - 1 of the sequence's last
+    segment. Returns (out [B, Hq, D], lse [B, Hq]), both float32, lse being the
+    log-sum-exp of the scaled scores (see kernels.partial_attention). The caller keeps
+    the buffers alive and large enough.
     """
     global _pool
     if k_new.dtype not in KERNEL_DTYPES:
         raise ValueError(f"decode_attention supports {KERNEL_DTYPES}, got {k_new.dtype}")
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
+    lse = torch.empty(qf.shape[:2], dtype=torch.float32)
     args = (
         qf.numpy(),
         _raw(k_new.contiguous()),
@@ -184,25 +195,26 @@ def decode_attention(
         seg_stride,
         seg_len,
         out.numpy(),
+        lse.numpy(),
         np.float32(scale),
     )
     itemsize = k_new.element_size()
     batch = len(seg_start) - 1
     parts = min(torch.get_num_threads(), batch // MIN_SEQS_PER_THREAD)
     if parts <= 1:
-        _decode_segments(*args, 0, batch, itemsize)
-        return out.to(q.dtype)
+        _decode_segments(*args, 0, batch, itemsize, append)
+        return out, lse
     # The kernel releases the GIL: other threads take the later parts of the batch.
     if _pool is None or _pool._max_workers < parts - 1:
         _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="decode-attention")
     rows = np.add.reduceat(seg_len, seg_start[:-1])
     cuts = _split_points(rows, parts)
     futures = [
-        _pool.submit(_decode_segments, *args, lo, hi, itemsize)
+        _pool.submit(_decode_segments, *args, lo, hi, itemsize, append)
         for lo, hi in zip(cuts[1:-1], cuts[2:], strict=True)
         if hi > lo
     ]
-    _decode_segments(*args, 0, cuts[1], itemsize)
+    _decode_segments(*args, 0, cuts[1], itemsize, append)
     for future in futures:
         future.result()
-    return out.to(q.dtype)
+    return out, lse

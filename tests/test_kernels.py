@@ -211,10 +211,12 @@ def test_attention_over_rows_with_equal_rows_matches_block_attention():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, monkeypatch):
+@pytest.mark.parametrize("append", [True, False])
+def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, append, monkeypatch):
     """Ragged lengths, spare capacity, frozen segments before the own buffer, the batch
-    split across threads or not: each sequence's new row lands in its own buffer at its
-    length, and its output is softmax attention over the rows of its own segments only."""
+    split across threads or not: with `append` each sequence's new row lands in its own
+    buffer at its length (else the buffers are untouched), and its output and lse are
+    softmax attention over the rows of its own segments only."""
     import numpy as np
 
     from kernels.decode_attention import decode_attention
@@ -235,7 +237,8 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, monke
     batch = len(segs)
     q = rand(batch, HQ, D, seed=1).to(dtype)
     k_new, v_new = rand(batch, HKV, D, seed=2).to(dtype), rand(batch, HKV, D, seed=3).to(dtype)
-    out = decode_attention(
+    before = [(k.clone(), v.clone()) for k, v, _ in flat]
+    out, lse = decode_attention(
         q,
         k_new,
         v_new,
@@ -245,15 +248,21 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, monke
         np.array([k.shape[1] * D for k, _, _ in flat], dtype=np.int64),
         np.array([n for _, _, n in flat], dtype=np.int64),
         SCALE,
+        append=append,
     )
-    assert out.dtype == dtype and out.shape == q.shape
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape
     for b, seq in enumerate(segs):
         own_k, own_v, n = seq[-1]
-        assert torch.equal(own_k[:, n - 1], k_new[b]) and torch.equal(own_v[:, n - 1], v_new[b])
+        if append:
+            assert torch.equal(own_k[:, n - 1], k_new[b]) and torch.equal(own_v[:, n - 1], v_new[b])
         keys = torch.cat([k[:, :m] for k, _, m in seq], 1).float()
         values = torch.cat([v[:, :m] for _, v, m in seq], 1).float()
-        want, _ = full_softmax(q[b].float(), keys, values, SCALE)
+        want, want_lse = full_softmax(q[b].float(), keys, values, SCALE)
         torch.testing.assert_close(out[b].double(), want, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse[b].double(), want_lse, atol=tol, rtol=tol)
+    if not append:
+        for (k, v, _), (k0, v0) in zip(flat, before, strict=True):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
 def test_decode_attention_rejects_other_dtypes():

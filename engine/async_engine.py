@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from engine.host_memory import release_free_memory
 from engine.llm_engine import LLMEngine
 from engine.outputs import StepOutput
 from engine.request_options import RequestOptions
@@ -42,6 +43,8 @@ class AsyncEngine:
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._stopped = threading.Event()
+        self._stepped = False  # a step ran since the engine was last idle
+        self.memory_trims = 0  # idle periods in which freed memory went back to the OS
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
 
@@ -150,6 +153,10 @@ class AsyncEngine:
                 command = self._commands.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 command = None
+                if block and self._stepped:  # idle 0.5 s after work: see engine/host_memory.py
+                    self._stepped = False
+                    release_free_memory()
+                    self.memory_trims += 1
             while command is not None:
                 command()
                 try:
@@ -158,6 +165,7 @@ class AsyncEngine:
                     command = None
             if not self.engine.has_unfinished():
                 continue
+            self._stepped = True
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # keep serving: fail the batch, not the server

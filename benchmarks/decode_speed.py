@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 
-import torch
-from tqdm import tqdm
+# As the server does (engine/__init__.py), before torch loads OpenMP; both sides run under it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engine.llm_engine import EngineConfig, LLMEngine
-from engine.sampling_params import SamplingParams
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def random_prompt(length: int, vocab: int, seed: int) -> list[int]:

@@ -13,6 +13,7 @@ is gathered, padded or merged.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,7 +26,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 MIN_SEQS_PER_THREAD = 2
 # Serial kernels: numba's workqueue pool stalls for milliseconds when another process
 # holds the cores. Large batches are split across Python threads instead (the GIL is
-# released), as many as torch's intra-op threads.
+# released), as many as torch's intra-op threads, but only when torch's OpenMP workers
+# sleep between ops (see engine/__init__.py): spinning ones make the split slower.
+SPLIT_BATCHES = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 _JIT = dict(nogil=True, fastmath=True, cache=True)
 
 
@@ -200,7 +203,7 @@ def decode_attention(
     )
     itemsize = k_new.element_size()
     batch = len(seg_start) - 1
-    parts = min(torch.get_num_threads(), batch // MIN_SEQS_PER_THREAD)
+    parts = min(torch.get_num_threads(), batch // MIN_SEQS_PER_THREAD) if SPLIT_BATCHES else 1
     if parts <= 1:
         _decode_segments(*args, 0, batch, itemsize, append)
         return out, lse

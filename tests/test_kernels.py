@@ -219,9 +219,11 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, appen
     softmax attention over the rows of its own segments only."""
     import numpy as np
 
+    import kernels.decode_attention as module
     from kernels.decode_attention import decode_attention
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(module, "SPLIT_BATCHES", threads > 1)
     # per sequence: (capacity, rows attended) of each segment; the last is the own buffer
     layout = [[(4, 1)], [(9, 7)], [(5, 5), (3, 3), (40, 33)], [(2, 2)], [(64, 64)]]
     layout.append([(6, 6), (11, 1)])

@@ -107,9 +107,7 @@ def tiny(tiny_model_dir):
 
 
 def _config(**overrides) -> LofitTrainConfig:
-    base = dict(
-        heads=4, epochs_a=2, epochs_v=8, lr_a=1e-2, lr_v=0.3, batch_size=4, dtype="float32"
-    )
+    base = dict(heads=4, epochs_a=2, epochs_v=8, lr_a=1e-2, lr_v=0.3, batch_size=4, dtype="float32")
     return LofitTrainConfig(**{**base, **overrides})
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ from engine.models import build_model
 from engine.weights import load_safetensors_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiered_decode import forward, make_backend  # noqa: E402
+from decode_speed import hf_single  # noqa: E402
+from tiered_decode import forward, make_backend, time_decode  # noqa: E402
 
 HERE = Path(__file__).parent
 MODES = ("full", "retrieval", "streaming")
@@ -67,28 +67,10 @@ def ours(model, mode: str, index: str, prompt: list[int], batch: int, steps: int
         caches += [backend.child(snapshot) for _ in range(batch - 1)]
     elif batch > 1:
         caches += [backend.fork(cache) for _ in range(batch - 1)]
-    tokens = [[7] for _ in caches]
-    forward(model, backend, caches, tokens)  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        logits = forward(model, backend, caches, tokens)
-        times.append(time.perf_counter() - start)
-        tokens = [[int(t)] for t in logits.argmax(-1)]
+    step = time_decode(model, backend, caches, steps)
     for c in caches:
         backend.free(c)
-    return prefill, statistics.median(times), stats, build
-
-
-def transformers_b1(hf, prompt: list[int], steps: int) -> tuple[float, float]:
-    ids = torch.tensor([prompt])
-    kwargs = dict(do_sample=False, pad_token_id=0)
-    start = time.perf_counter()
-    hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    hf.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kwargs)
-    return prefill, (time.perf_counter() - start - prefill) / steps
+    return prefill, step, stats, build
 
 
 def llama_cpp_b1(prompt: list[int], steps: int, threads: int) -> tuple[float, float]:
@@ -161,7 +143,7 @@ def main() -> None:
         for ctx in tqdm(args.contexts, desc="peers, batch 1"):
             prompt = random_prompt(ctx, vocab, ctx)
             if hf is not None:
-                prefill, decode = transformers_b1(hf, prompt, args.steps)
+                prefill, decode = hf_single(hf, prompt, args.steps)
                 rows.append(dict(system="transformers", context=ctx, batch=1,
                                  prefill_tok_s=ctx / prefill, decode_ms=decode * 1e3))  # fmt: skip
             if "llama.cpp" not in args.skip and "llama.cpp" not in peers:

@@ -13,22 +13,16 @@ is gathered, padded or merged.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
+from kernels.thread_split import run_ranges, split_parts
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-# Sequences per thread below which splitting the batch costs more than it saves.
-MIN_SEQS_PER_THREAD = 2
-# Serial kernels: numba's workqueue pool stalls for milliseconds when another process
-# holds the cores. Large batches are split across Python threads instead (the GIL is
-# released), as many as torch's intra-op threads, but only when torch's OpenMP workers
-# sleep between ops (see engine/__init__.py): spinning ones make the split slower.
-SPLIT_BATCHES = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+# KV rows (summed over heads) per thread below which splitting costs more than it saves.
+MIN_ROWS_PER_THREAD = 512
 _JIT = dict(nogil=True, fastmath=True, cache=True)
 
 
@@ -95,57 +89,55 @@ def _decode_segments(
     q, k_new, v_new, seg_start, seg_k, seg_v, seg_stride, seg_len, out, lse, scale, lo, hi,
     itemsize, append,
 ):  # fmt: skip
-    """Sequences lo..hi-1: (with `append`) write the new row into each one's last segment,
-    then attend over all rows of all its segments (one softmax over their union)."""
+    """Units lo..hi-1, unit u being KV head u % Hkv of sequence u // Hkv: (with `append`)
+    write the new row into the sequence's last segment, then attend over all rows of all
+    its segments (one softmax over their union)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = k_new.shape[1]
     group = hq // hkv
     bits = np.empty(d, dtype=np.uint32)
     maxes = np.empty(group, dtype=np.float32)
-    for b in range(lo, hi):
+    for unit in range(lo, hi):
+        b, h = unit // hkv, unit % hkv
         first, last = seg_start[b], seg_start[b + 1] - 1
         n = 0
         for s in range(first, last + 1):
             n += seg_len[s]
-        for h in range(hkv):
-            if append:
-                row = seg_len[last] - 1
-                _append_row(seg_k[last], seg_stride[last], row, h, k_new[b, h], itemsize)
-                _append_row(seg_v[last], seg_stride[last], row, h, v_new[b, h], itemsize)
-            qg = q[b, h * group : (h + 1) * group]
-            scores = np.empty((group, n), dtype=np.float32)
-            j = 0
-            for s in range(first, last + 1):
-                for r in range(seg_len[s]):
-                    key = _load_row(seg_k[s], seg_stride[s], r, h, d, itemsize, bits)
-                    for g in range(group):
-                        acc = np.float32(0.0)
-                        for i in range(d):
-                            acc += qg[g, i] * key[i]
-                        scores[g, j] = acc * scale
-                    j += 1
-            den = _softmax_rows(scores, n, maxes)
-            acc_out = np.zeros((group, d), dtype=np.float32)
-            j = 0
-            for s in range(first, last + 1):
-                for r in range(seg_len[s]):
-                    value = _load_row(seg_v[s], seg_stride[s], r, h, d, itemsize, bits)
-                    for g in range(group):
-                        p = scores[g, j]
-                        for i in range(d):
-                            acc_out[g, i] += p * value[i]
-                    j += 1
-            for g in range(group):
-                lse[b, h * group + g] = maxes[g] + np.log(den[g])
-                for i in range(d):
-                    out[b, h * group + g, i] = acc_out[g, i] / den[g]
-
-
-_pool: ThreadPoolExecutor | None = None
+        if append:
+            row = seg_len[last] - 1
+            _append_row(seg_k[last], seg_stride[last], row, h, k_new[b, h], itemsize)
+            _append_row(seg_v[last], seg_stride[last], row, h, v_new[b, h], itemsize)
+        qg = q[b, h * group : (h + 1) * group]
+        scores = np.empty((group, n), dtype=np.float32)
+        j = 0
+        for s in range(first, last + 1):
+            for r in range(seg_len[s]):
+                key = _load_row(seg_k[s], seg_stride[s], r, h, d, itemsize, bits)
+                for g in range(group):
+                    acc = np.float32(0.0)
+                    for i in range(d):
+                        acc += qg[g, i] * key[i]
+                    scores[g, j] = acc * scale
+                j += 1
+        den = _softmax_rows(scores, n, maxes)
+        acc_out = np.zeros((group, d), dtype=np.float32)
+        j = 0
+        for s in range(first, last + 1):
+            for r in range(seg_len[s]):
+                value = _load_row(seg_v[s], seg_stride[s], r, h, d, itemsize, bits)
+                for g in range(group):
+                    p = scores[g, j]
+                    for i in range(d):
+                        acc_out[g, i] += p * value[i]
+                j += 1
+        for g in range(group):
+            lse[b, h * group + g] = maxes[g] + np.log(den[g])
+            for i in range(d):
+                out[b, h * group + g, i] = acc_out[g, i] / den[g]
 
 
 def _split_points(lengths: np.ndarray, parts: int) -> list[int]:
-    """Batch boundaries giving each part about the same number of KV rows to read."""
+    """Unit boundaries giving each part about the same number of KV rows to read."""
     cumulative = np.cumsum(lengths)
     targets = cumulative[-1] * np.arange(1, parts) / parts
     cuts = np.searchsorted(cumulative, targets).tolist()
@@ -182,7 +174,6 @@ def decode_attention(
     log-sum-exp of the scaled scores (see kernels.partial_attention). The caller keeps
     the buffers alive and large enough.
     """
-    global _pool
     if k_new.dtype not in KERNEL_DTYPES:
         raise ValueError(f"decode_attention supports {KERNEL_DTYPES}, got {k_new.dtype}")
     qf = q.float().contiguous()
@@ -202,22 +193,19 @@ def decode_attention(
         np.float32(scale),
     )
     itemsize = k_new.element_size()
-    batch = len(seg_start) - 1
-    parts = min(torch.get_num_threads(), batch // MIN_SEQS_PER_THREAD) if SPLIT_BATCHES else 1
+    hkv = k_new.shape[1]
+    units = (len(seg_start) - 1) * hkv  # (sequence, KV head) pairs
+    rows = np.repeat(np.add.reduceat(seg_len, seg_start[:-1]), hkv)
+    parts = min(units, split_parts(int(rows.sum()), MIN_ROWS_PER_THREAD))
     if parts <= 1:
-        _decode_segments(*args, 0, batch, itemsize, append)
+        _decode_segments(*args, 0, units, itemsize, append)
         return out, lse
-    # The kernel releases the GIL: other threads take the later parts of the batch.
-    if _pool is None or _pool._max_workers < parts - 1:
-        _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="decode-attention")
-    rows = np.add.reduceat(seg_len, seg_start[:-1])
-    cuts = _split_points(rows, parts)
-    futures = [
-        _pool.submit(_decode_segments, *args, lo, hi, itemsize, append)
-        for lo, hi in zip(cuts[1:-1], cuts[2:], strict=True)
-        if hi > lo
-    ]
-    _decode_segments(*args, 0, cuts[1], itemsize, append)
-    for future in futures:
-        future.result()
+    # The kernel releases the GIL: other threads take the later units.
+    run_ranges(_decode_range, _split_points(rows, parts), *args, itemsize, append)
     return out, lse
+
+
+def _decode_range(*args) -> None:
+    """_decode_segments with the (lo, hi) unit range last, as run_ranges passes it."""
+    *head, itemsize, append, lo, hi = args
+    _decode_segments(*head, lo, hi, itemsize, append)

@@ -220,10 +220,12 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, appen
     import numpy as np
 
     import kernels.decode_attention as module
+    import kernels.thread_split as split
     from kernels.decode_attention import decode_attention
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(module, "SPLIT_BATCHES", threads > 1)
+    monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
+    monkeypatch.setattr(module, "MIN_ROWS_PER_THREAD", 1)  # split (sequence, head) units
     # per sequence: (capacity, rows attended) of each segment; the last is the own buffer
     layout = [[(4, 1)], [(9, 7)], [(5, 5), (3, 3), (40, 33)], [(2, 2)], [(64, 64)]]
     layout.append([(6, 6), (11, 1)])

@@ -60,6 +60,9 @@ class EngineConfig:
     index_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"ef": 64}
     num_threads: int | None = None
     pack_weights: bool = True  # oneDNN-packed matmul weights on CPU (faster decode)
+    # Few-row (decode) products from the quantisation blocks of the GGUF a model was
+    # converted from (float32 on CPU; the default model): same weights, 1/4 the bytes.
+    block_weights: bool = True
     prefix_cache_bytes: int = 2 << 30  # document (prefix) cache limit; 0 turns it off
 
     def validate(self) -> None:
@@ -140,7 +143,9 @@ class LLMEngine:
         config.validate()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        loaded = load_model(config.model, _DTYPES[config.dtype], config.device)
+        loaded = load_model(
+            config.model, _DTYPES[config.dtype], config.device, block_weights=config.block_weights
+        )
         if config.pack_weights and config.device == "cpu":
             loaded.model.pack_weights()
         return cls(config, loaded.model, loaded.config, loaded.tokenizer, loaded.name)

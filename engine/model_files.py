@@ -104,6 +104,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def conversion_source(model_dir: Path) -> Path | None:
+    """The GGUF file `model_dir` was converted from, if it was and the file still exists."""
+    marker = model_dir / _COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    source = Path(marker.read_text().strip())
+    return source if source.suffix == ".gguf" and source.is_file() else None
+
+
 def resolve_model_dir(model: str | None) -> Path:
     """Map a model argument (None/alias for the default, or a local directory) to a directory."""
     if model in DEFAULT_MODEL_ALIASES:

@@ -11,7 +11,12 @@ from typing import Any
 import torch
 
 from engine.model_config import ModelConfig
-from engine.model_files import ModelLoadError, resolve_model_dir, served_model_name
+from engine.model_files import (
+    ModelLoadError,
+    conversion_source,
+    resolve_model_dir,
+    served_model_name,
+)
 from engine.models import CausalLM, build_model
 from engine.tokenizer import load_tokenizer
 from engine.weights import load_safetensors_dir
@@ -29,10 +34,16 @@ class LoadedModel:
 
 
 def load_model(
-    model: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    model: str | None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    block_weights: bool = False,
 ) -> LoadedModel:
     """Load `model` (None/alias for the default model, or a local directory) in eval mode;
-    ModelLoadError with one clear line for anything missing or corrupt."""
+    ModelLoadError with one clear line for anything missing or corrupt.
+
+    With `block_weights`, a float32 CPU model converted from a GGUF also keeps that file's
+    quantisation blocks for few-row products (see engine.gguf_blocks)."""
     start = time.monotonic()
     model_dir = resolve_model_dir(model)
     try:
@@ -42,10 +53,14 @@ def load_model(
     tokenizer = load_tokenizer(model_dir)
     net = build_model(model_config, dtype=dtype, device=device)
     try:
-        net.load_hf_state_dict(load_safetensors_dir(model_dir))
+        state = load_safetensors_dir(model_dir)
+        net.load_hf_state_dict(state)
     except Exception as exc:  # truncated or mismatched files fail in many ways
         raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
     net.eval()
+    source = conversion_source(model_dir)
+    if block_weights and dtype == torch.float32 and device == "cpu" and source is not None:
+        _attach_blocks(net, source, state, model_dir)
     logger.info(
         "Loaded %s (%s, %d layers) from %s in %.1f s",
         model_dir.name,
@@ -55,3 +70,20 @@ def load_model(
         time.monotonic() - start,
     )
     return LoadedModel(net, model_config, tokenizer, model_dir, served_model_name(model, model_dir))
+
+
+def _attach_blocks(
+    net: CausalLM, gguf: Path, state: dict[str, torch.Tensor], model_dir: Path
+) -> None:
+    from engine.gguf_blocks import gguf_blocks_for
+
+    start = time.monotonic()
+    blocks = gguf_blocks_for(gguf, state, model_dir)
+    count = net.use_block_weights(blocks)
+    logger.info(
+        "Decode multiplies %d weights from %s's quantisation blocks (%.0f MiB, %.1f s)",
+        count,
+        gguf.name,
+        sum(b.nbytes for b in blocks.values()) / 2**20,
+        time.monotonic() - start,
+    )

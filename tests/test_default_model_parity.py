@@ -9,6 +9,7 @@ from engine.attention_backend import CacheShape
 from engine.forward_context import ForwardContext, SequenceSlice
 from engine.full_attention import FullAttentionBackend
 from engine.model_config import ModelConfig
+from engine.model_loader import load_model
 from engine.models import build_model
 from engine.weights import load_safetensors_dir
 
@@ -16,16 +17,25 @@ TOLERANCE = 1e-3  # fp32, 30 layers
 
 
 @pytest.fixture(scope="module")
-def models(default_model_dir):
+def reference(default_model_dir):
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
-    reference.eval()
-    config = ModelConfig.from_dir(default_model_dir)
-    ours = build_model(config)
-    ours.load_hf_state_dict(load_safetensors_dir(default_model_dir))
-    ours.eval()
-    return ours, reference
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["dense", "engine"])
+def models(request, default_model_dir, reference):
+    """Ours with plain dense weights, and as the engine loads it: oneDNN-packed weights
+    plus the GGUF's quantisation blocks for few-row products (prefill of 1 token, decode)."""
+    if request.param == "dense":
+        ours = build_model(ModelConfig.from_dir(default_model_dir))
+        ours.load_hf_state_dict(load_safetensors_dir(default_model_dir))
+    else:
+        ours = load_model(None, block_weights=True).model
+        assert ours.pack_weights() > 0
+        assert ours.layers[0].qkv_blocks is not None and ours.lm_head_blocks is not None
+    return ours.eval(), reference
 
 
 def _forward(model, backend, cache, ids: list[int]) -> torch.Tensor:

@@ -37,6 +37,11 @@ class CausalLM(nn.Module, ABC):
         """Pre-pack matmul weights for fast CPU products; returns how many were packed."""
         return 0
 
+    def use_block_weights(self, blocks: dict) -> int:
+        """Use quantisation-block copies of the matmul weights (kernels.block_linear) for
+        few-row products; returns how many weights have them. Default: none."""
+        return 0
+
     def cache_shape(self) -> CacheShape:
         """The KV cache geometry an attention backend needs for this model."""
         p = next(self.parameters())

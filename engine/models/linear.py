@@ -5,6 +5,10 @@ of decode (a few rows) that repacking costs as much as the product. oneDNN can t
 weight reordered once into its blocked layout: on the 2-core test machine a decode-sized
 product got about 2x faster. `pack_linear_weights` swaps a model's matmul weights for
 packed copies after loading; `linear` dispatches on the weight's layout.
+
+A model converted from a quantised GGUF may also carry its weights as quantisation
+blocks (kernels.block_linear): for a few rows of input `linear` multiplies from those,
+reading a quarter of the bytes, and from the dense weight otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.block_linear import MAX_ROWS, BlockWeight
+
 logger = logging.getLogger(__name__)
 
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -23,20 +29,42 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 PACK_BATCH_HINT = 16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias, for a dense or a pre-packed (oneDNN) weight."""
+def _use_blocks(x: torch.Tensor, blocks: BlockWeight | None) -> bool:
+    return (
+        blocks is not None
+        and x.shape[0] <= MAX_ROWS
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: BlockWeight | None = None,
+) -> torch.Tensor:
+    """x @ weight.T + bias, for a dense or a pre-packed (oneDNN) weight, or from the same
+    weight's quantisation `blocks` when x has few rows."""
+    if _use_blocks(x, blocks):
+        y = blocks.matmul(x)
+        return y if bias is None else y + bias
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
 def residual_linear(
-    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: BlockWeight | None = None,
 ) -> torch.Tensor:
     """x + linear(h): one addmm for a dense weight without bias."""
-    if bias is None and not weight.is_mkldnn:
+    if bias is None and not weight.is_mkldnn and not _use_blocks(h, blocks):
         return torch.addmm(x, h, weight.t())
-    return x + linear(h, weight, bias)
+    return x + linear(h, weight, bias, blocks)
 
 
 def can_pack(weight: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from engine.models.linear import (
     residual_linear,
 )
 from engine.models.rope import RotaryEmbedding, apply_rotary
+from kernels.block_linear import BlockWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,6 +55,11 @@ class LlamaDecoderLayer(nn.Module):
         self.gate_up_bias = empty_param(2 * c.intermediate_size, **kw) if c.mlp_bias else None
         self.down_weight = empty_param(c.hidden_size, c.intermediate_size, **kw)
         self.down_bias = empty_param(c.hidden_size, **kw) if c.mlp_bias else None
+        # The same weights as quantisation blocks, when the checkpoint has them.
+        self.qkv_blocks: BlockWeight | None = None
+        self.o_blocks: BlockWeight | None = None
+        self.gate_up_blocks: BlockWeight | None = None
+        self.down_blocks: BlockWeight | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
@@ -61,7 +67,8 @@ class LlamaDecoderLayer(nn.Module):
         t = x.shape[0]
         hq, hkv = self.num_heads, self.num_kv_heads
         h = rms_norm(x, self.input_norm, self.eps)
-        qkv = linear(h, self.qkv_weight, self.qkv_bias).view(t, hq + 2 * hkv, self.head_dim)
+        qkv = linear(h, self.qkv_weight, self.qkv_bias, self.qkv_blocks)
+        qkv = qkv.view(t, hq + 2 * hkv, self.head_dim)
         # q and k heads are adjacent, so one rotation covers both.
         qk = apply_rotary(qkv[:, : hq + hkv], cos, sin)
         out = ctx.backend.forward(
@@ -69,15 +76,16 @@ class LlamaDecoderLayer(nn.Module):
         )
         for hook in ctx.head_output_hooks:
             out = hook(self.layer_idx, out)
-        x = residual_linear(x, out.reshape(t, hq * self.head_dim), self.o_weight, self.o_bias)
+        out = out.reshape(t, hq * self.head_dim)
+        x = residual_linear(x, out, self.o_weight, self.o_bias, self.o_blocks)
 
         h = rms_norm(x, self.post_norm, self.eps)
-        gate_up = linear(h, self.gate_up_weight, self.gate_up_bias)
+        gate_up = linear(h, self.gate_up_weight, self.gate_up_bias, self.gate_up_blocks)
         n = self.intermediate_size
         act = self.act(gate_up[:, :n]) * gate_up[:, n:]
         for hook in ctx.mlp_act_hooks:
             act = hook(self.layer_idx, act)
-        return residual_linear(x, act, self.down_weight, self.down_bias)
+        return residual_linear(x, act, self.down_weight, self.down_bias, self.down_blocks)
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         """Fill the layer from HF-named tensors `{prefix}self_attn.q_proj.weight`, ..."""
@@ -99,6 +107,23 @@ class LlamaDecoderLayer(nn.Module):
             gate_up_b = torch.cat([w[mlp + "gate_proj.bias"], w[mlp + "up_proj.bias"]], 0)
             copy_param(self.gate_up_bias, gate_up_b, mlp + "gate/up_proj.bias")
             copy_param(self.down_bias, w[mlp + "down_proj.bias"], mlp + "down_proj.bias")
+
+    def use_blocks(self, blocks: dict[str, BlockWeight], prefix: str) -> int:
+        """Take this layer's block weights from HF-named `blocks`; returns how many."""
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
+
+        def fused(names: list[str]) -> BlockWeight | None:
+            parts = [blocks.get(n) for n in names]
+            if None in parts:
+                return None
+            return parts[0] if len(parts) == 1 else BlockWeight.concat(parts)
+
+        self.qkv_blocks = fused([f"{attn}{p}_proj.weight" for p in "qkv"])
+        self.o_blocks = fused([attn + "o_proj.weight"])
+        self.gate_up_blocks = fused([mlp + "gate_proj.weight", mlp + "up_proj.weight"])
+        self.down_blocks = fused([mlp + "down_proj.weight"])
+        found = (self.qkv_blocks, self.o_blocks, self.gate_up_blocks, self.down_blocks)
+        return sum(b is not None for b in found)
 
     def hf_keys(self, prefix: str) -> set[str]:
         """The HF checkpoint keys this layer reads."""
@@ -136,6 +161,7 @@ class LlamaForCausalLM(CausalLM):
         else:
             self.lm_head = empty_param(config.vocab_size, config.hidden_size, **kw)
         self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_blocks: BlockWeight | None = None
         self.rotary = RotaryEmbedding(
             config.rope, config.head_dim, config.max_position_embeddings, dtype, device
         )
@@ -156,7 +182,17 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head if self.lm_head_packed is None else self.lm_head_packed
-        return linear(hidden, head, None)
+        return linear(hidden, head, None, self.lm_head_blocks)
+
+    def use_block_weights(self, blocks: dict[str, BlockWeight]) -> int:
+        """Multiply few-row inputs from these HF-named block weights (equal to the dense
+        ones, see engine.gguf_blocks); returns how many matmul weights have blocks."""
+        count = sum(
+            layer.use_blocks(blocks, f"model.layers.{i}.") for i, layer in enumerate(self.layers)
+        )
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        self.lm_head_blocks = blocks.get(head)
+        return count + (self.lm_head_blocks is not None)
 
     def pack_weights(self) -> int:
         """Pre-pack the matmul weights for CPU decode (see engine.models.linear).

@@ -1,0 +1,152 @@
+"""fp32 products with weights kept as 32-wide quantisation blocks (GGUF Q4_1 / Q8_0).
+
+A quantised checkpoint's weights are w = d * q + m per block of 32 inputs (q a small
+integer, d and m one float each). Dequantised to dense float32 they cost 4 bytes each;
+kept as blocks, 1.25. Decode of one sequence reads every weight once per token and is
+bound by that traffic, so for a few rows `BlockWeight.matmul` computes
+
+    y = sum over blocks b of d_b * (q_b . x_b) + m_b * sum(x_b)
+
+in float32 straight from the blocks. It is the same product of the same weights as the
+dense one (the order of additions differs, so results agree to float32 rounding).
+
+Layout: output rows are grouped in tiles of `width` rows, stored input-major
+([tiles, inputs, width]), so the inner loop runs across rows with one broadcast input
+and each tile is one contiguous stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from kernels.thread_split import run_ranges, split_parts
+
+BLOCK = 32
+TILE_WIDTHS = (256, 192, 128)
+# Rows of x up to which matmul beats the dense oneDNN product (measured, see
+# benchmarks/README.md decode_speed); callers use the dense weight above it.
+MAX_ROWS = 2
+# Tiles per thread below which splitting costs more than it saves.
+MIN_TILES_PER_THREAD = 2
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _tiles_matmul(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
+    n_in = qt.shape[1]
+    width = qt.shape[2]
+    blocks = n_in // 32
+    part = np.empty(width, np.float32)
+    acc = np.empty(width, np.float32)
+    for row in range(x.shape[0]):
+        xr = x[row]
+        for tile in range(t0, t1):
+            q = qt[tile]
+            acc[:] = 0.0
+            for b in range(blocks):
+                part[:] = 0.0
+                xsum = np.float32(0.0)
+                for i in range(b * 32, b * 32 + 32, 4):
+                    x0, x1, x2, x3 = xr[i], xr[i + 1], xr[i + 2], xr[i + 3]
+                    xsum += (x0 + x1) + (x2 + x3)
+                    q0, q1, q2, q3 = q[i], q[i + 1], q[i + 2], q[i + 3]
+                    for r in range(width):
+                        part[r] += (q0[r] * x0 + q1[r] * x1) + (q2[r] * x2 + q3[r] * x3)
+                db = dt[tile, b]
+                mb = mt[tile, b]
+                for r in range(width):
+                    acc[r] += db[r] * part[r] + mb[r] * xsum
+            y[row, tile * width : (tile + 1) * width] = acc
+
+
+def _tile_width(rows: int) -> int:
+    """The tile width with the least padding, the widest among equals."""
+    return min(TILE_WIDTHS, key=lambda w: (-rows % w, -w))
+
+
+def _to_tiles(a: np.ndarray, width: int) -> np.ndarray:
+    """[rows, cols] -> [tiles, cols, width], rows zero-padded to a multiple of width."""
+    rows = a.shape[0]
+    padded = np.zeros((-(-rows // width) * width, a.shape[1]), a.dtype)
+    padded[:rows] = a
+    return np.ascontiguousarray(padded.reshape(-1, width, a.shape[1]).transpose(0, 2, 1))
+
+
+class BlockWeight:
+    """A [out, in] weight as q [out, in] (uint8 or int8), d and m [out, in / 32] float32."""
+
+    def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> None:
+        out_features, in_features = q.shape
+        if in_features % BLOCK or q.dtype not in (np.uint8, np.int8):
+            raise ValueError(f"need [out, k*{BLOCK}] uint8/int8 values, got {q.dtype} {q.shape}")
+        blocks = (out_features, in_features // BLOCK)
+        if m is None:
+            m = np.zeros(blocks, np.float32)
+        if d.shape != blocks or m.shape != blocks:
+            raise ValueError(f"scales must be {blocks}, got {d.shape} and {m.shape}")
+        self.out_features, self.in_features = out_features, in_features
+        self.width = _tile_width(out_features)
+        self.q_tiles = _to_tiles(q, self.width)
+        self.d_tiles = _to_tiles(d.astype(np.float32), self.width)
+        self.m_tiles = _to_tiles(m.astype(np.float32), self.width)
+
+    @classmethod
+    def from_tiles(
+        cls, q_tiles: np.ndarray, d_tiles: np.ndarray, m_tiles: np.ndarray, out_features: int
+    ) -> BlockWeight:
+        """Rebuild from the stored layout (`tiles()`), e.g. read back from a file."""
+        weight = cls.__new__(cls)
+        weight.q_tiles, weight.d_tiles, weight.m_tiles = q_tiles, d_tiles, m_tiles
+        weight.width = q_tiles.shape[2]
+        weight.in_features = q_tiles.shape[1]
+        weight.out_features = out_features
+        if d_tiles.shape != m_tiles.shape or d_tiles.shape[1] * BLOCK != weight.in_features:
+            raise ValueError("inconsistent block tiles")
+        return weight
+
+    def tiles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored layout: q [tiles, in, width], d and m [tiles, in / 32, width]."""
+        return self.q_tiles, self.d_tiles, self.m_tiles
+
+    @classmethod
+    def concat(cls, parts: list[BlockWeight]) -> BlockWeight:
+        """The weight whose rows are those of `parts` in order (fused projections)."""
+        q, d, m = zip(*(p.blocks() for p in parts), strict=True)
+        return cls(np.concatenate(q), np.concatenate(d), np.concatenate(m))
+
+    def blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(q, d, m) as [out, in], [out, in / 32], [out, in / 32]."""
+
+        def rows(tiles: np.ndarray) -> np.ndarray:
+            return tiles.transpose(0, 2, 1).reshape(-1, tiles.shape[1])[: self.out_features]
+
+        return rows(self.q_tiles), rows(self.d_tiles), rows(self.m_tiles)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense float32 weight, rounded as GGUF's dequantisation rounds: d * q + m."""
+        q, d, m = self.blocks()
+        w = q.astype(np.float32).reshape(self.out_features, -1, BLOCK)
+        w = w * d[:, :, None] + m[:, :, None]
+        return torch.from_numpy(w.reshape(self.out_features, self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        return self.q_tiles.nbytes + self.d_tiles.nbytes + self.m_tiles.nbytes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T for float32 x [rows, in] (meant for rows <= MAX_ROWS)."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"need float32 [rows, {self.in_features}], got {x.dtype} {x.shape}")
+        xs = x.contiguous().numpy()
+        tiles = self.q_tiles.shape[0]
+        y = np.empty((x.shape[0], tiles * self.width), np.float32)
+        args = (self.q_tiles, self.d_tiles, self.m_tiles, xs, y)
+        parts = split_parts(tiles, MIN_TILES_PER_THREAD)
+        if parts <= 1:
+            _tiles_matmul(*args, 0, tiles)
+        else:
+            cuts = [tiles * i // parts for i in range(parts + 1)]
+            run_ranges(_tiles_matmul, cuts, *args)
+        out = torch.from_numpy(y)
+        return out if y.shape[1] == self.out_features else out[:, : self.out_features].contiguous()

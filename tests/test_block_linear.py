@@ -1,0 +1,114 @@
+"""Products from quantisation blocks (kernels.block_linear) and the default model's GGUF
+blocks (engine.gguf_blocks) against dense float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kernels.thread_split as split
+from kernels.block_linear import MAX_ROWS, BlockWeight
+
+
+def _weight(out: int, inp: int, signed: bool, seed: int = 0) -> BlockWeight:
+    rng = np.random.default_rng(seed)
+    blocks = (out, inp // 32)
+    if signed:  # Q8_0-like: w = d * q
+        q = rng.integers(-128, 128, (out, inp)).astype(np.int8)
+        return BlockWeight(q, rng.random(blocks, dtype=np.float32) * 1e-2)
+    q = rng.integers(0, 16, (out, inp)).astype(np.uint8)  # Q4_1-like: w = d * q + m
+    d = rng.random(blocks, dtype=np.float32) * 1e-2
+    return BlockWeight(q, d, -rng.random(blocks, dtype=np.float32) * 5e-2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "out, inp, signed", [(960, 576, False), (100, 64, True), (576, 1536, False)]
+)
+def test_matmul_equals_the_dense_product(out, inp, signed, threads, monkeypatch):
+    """Any row count (widths that need padding included), split across threads or not."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
+    weight = _weight(out, inp, signed)
+    dense = weight.dequantize().double()
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows))
+        got = weight.matmul(x)
+        want = x.double() @ dense.T
+        assert got.shape == (rows, out) and got.is_contiguous()
+        assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item()
+
+
+def test_blocks_round_trip_and_concat():
+    a, b = _weight(192, 64, False, seed=1), _weight(70, 64, False, seed=2)
+    fused = BlockWeight.concat([a, b])
+    assert fused.out_features == 262
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    q, d, m = a.blocks()
+    assert torch.equal(BlockWeight(q, d, m).dequantize(), a.dequantize())
+
+
+def test_bad_shapes_are_refused():
+    q = np.zeros((4, 40), np.uint8)
+    with pytest.raises(ValueError, match="32"):
+        BlockWeight(q, np.zeros((4, 1), np.float32))
+    with pytest.raises(ValueError, match="scales"):
+        BlockWeight(np.zeros((4, 64), np.uint8), np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        _weight(8, 64, True).matmul(torch.zeros(1, 32))
+
+
+def test_linear_uses_blocks_only_for_few_rows_without_grad():
+    from engine.models.linear import linear
+
+    weight = _weight(96, 64, False)
+    dense = weight.dequantize()
+    bias = torch.randn(96)
+    few = torch.randn(MAX_ROWS, 64)
+    assert torch.equal(linear(few, dense, bias, weight), weight.matmul(few) + bias)
+    many = torch.randn(MAX_ROWS + 1, 64)
+    dense_product = torch.nn.functional.linear(many, dense, bias)
+    assert torch.equal(linear(many, dense, bias, weight), dense_product)
+    trained = few.clone().requires_grad_()
+    out = linear(trained, dense, bias, weight)
+    assert out.grad_fn is not None  # dense product, differentiable
+
+
+def test_default_model_gguf_blocks_equal_the_converted_weights(default_model_dir, tmp_path):
+    """Every Q4_1/Q8_0 tensor of the default GGUF maps to the converted float32 weight it
+    came from, rows reordered where transformers permuted q/k; a tensor that differs
+    anywhere is left out. The matched blocks are cached beside the weights and read back
+    until a weights file changes."""
+    import os
+
+    from engine.gguf_blocks import CACHE_FILE, gguf_blocks_for
+    from engine.model_files import conversion_source
+    from engine.weights import load_safetensors_dir
+
+    gguf = conversion_source(default_model_dir)
+    assert gguf is not None and gguf.suffix == ".gguf"
+    state = load_safetensors_dir(default_model_dir)
+    name = "model.layers.3.self_attn.q_proj.weight"
+    state[name] = state[name].clone()
+    state[name][5, 7] += 1e-3
+    (tmp_path / "model.safetensors").symlink_to(default_model_dir / "model.safetensors")
+
+    blocks = gguf_blocks_for(gguf, state, tmp_path)
+    matmul_weights = [n for n in state if n.endswith(("proj.weight", "embed_tokens.weight"))]
+    assert set(blocks) == set(matmul_weights) - {name}
+    k_name = "model.layers.3.self_attn.k_proj.weight"
+    assert torch.equal(blocks[k_name].dequantize(), state[k_name])
+
+    cache = tmp_path / CACHE_FILE
+    written = cache.stat().st_mtime_ns
+    again = gguf_blocks_for(gguf, state, tmp_path)
+    assert cache.stat().st_mtime_ns == written
+    assert set(again) == set(blocks)
+    assert all(np.array_equal(again[n].q_tiles, blocks[n].q_tiles) for n in blocks)
+    assert torch.equal(again[k_name].dequantize(), state[k_name])
+
+    (tmp_path / "extra.safetensors").write_bytes(b"")  # the weights changed: rebuild
+    os.utime(cache, ns=(0, 0))
+    gguf_blocks_for(gguf, state, tmp_path)
+    assert cache.stat().st_mtime_ns != 0

@@ -27,7 +27,7 @@ BLOCK = 32
 TILE_WIDTHS = (256, 192, 128)
 # Rows of x up to which matmul beats the dense oneDNN product (measured, see
 # benchmarks/README.md decode_speed); callers use the dense weight above it.
-MAX_ROWS = 2
+MAX_ROWS = 4
 # Tiles per thread below which splitting costs more than it saves.
 MIN_TILES_PER_THREAD = 2
 
@@ -58,6 +58,46 @@ def _tiles_matmul(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
                 for r in range(width):
                     acc[r] += db[r] * part[r] + mb[r] * xsum
             y[row, tile * width : (tile + 1) * width] = acc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
+    """_tiles_matmul for several rows of x: each group of 4 weight rows is widened to
+    float32 once and used for every row of x."""
+    n_in = qt.shape[1]
+    width = qt.shape[2]
+    rows = x.shape[0]
+    blocks = n_in // 32
+    wide = np.empty((4, width), np.float32)
+    part = np.empty((rows, width), np.float32)
+    acc = np.empty((rows, width), np.float32)
+    xsum = np.empty(rows, np.float32)
+    for tile in range(t0, t1):
+        q = qt[tile]
+        acc[:] = 0.0
+        for b in range(blocks):
+            part[:] = 0.0
+            xsum[:] = 0.0
+            for i in range(b * 32, b * 32 + 32, 4):
+                for j in range(4):
+                    src = q[i + j]
+                    dst = wide[j]
+                    for r in range(width):
+                        dst[r] = src[r]
+                w0, w1, w2, w3 = wide[0], wide[1], wide[2], wide[3]
+                for row in range(rows):
+                    x0, x1, x2, x3 = x[row, i], x[row, i + 1], x[row, i + 2], x[row, i + 3]
+                    xsum[row] += (x0 + x1) + (x2 + x3)
+                    pr = part[row]
+                    for r in range(width):
+                        pr[r] += (w0[r] * x0 + w1[r] * x1) + (w2[r] * x2 + w3[r] * x3)
+            db = dt[tile, b]
+            mb = mt[tile, b]
+            for row in range(rows):
+                ar, pr, xs = acc[row], part[row], xsum[row]
+                for r in range(width):
+                    ar[r] += db[r] * pr[r] + mb[r] * xs
+        y[:, tile * width : (tile + 1) * width] = acc
 
 
 def _tile_width(rows: int) -> int:
@@ -142,11 +182,12 @@ class BlockWeight:
         tiles = self.q_tiles.shape[0]
         y = np.empty((x.shape[0], tiles * self.width), np.float32)
         args = (self.q_tiles, self.d_tiles, self.m_tiles, xs, y)
+        kernel = _tiles_matmul if x.shape[0] == 1 else _tiles_matmul_rows
         parts = split_parts(tiles, MIN_TILES_PER_THREAD)
         if parts <= 1:
-            _tiles_matmul(*args, 0, tiles)
+            kernel(*args, 0, tiles)
         else:
             cuts = [tiles * i // parts for i in range(parts + 1)]
-            run_ranges(_tiles_matmul, cuts, *args)
+            run_ranges(kernel, cuts, *args)
         out = torch.from_numpy(y)
         return out if y.shape[1] == self.out_features else out[:, : self.out_features].contiguous()

@@ -109,6 +109,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("LONGSERVE_NO_PREFIX_CACHE", "") not in ("", "0", "false"),
         help="turn the document (prefix) cache off (env: LONGSERVE_NO_PREFIX_CACHE=1)",
     )
+    parser.add_argument(
+        "--no-block-weights",
+        action="store_true",
+        default=os.environ.get("LONGSERVE_NO_BLOCK_WEIGHTS", "") not in ("", "0", "false"),
+        help="decode from dense weights only, not from the GGUF's quantisation blocks "
+        "(env: LONGSERVE_NO_BLOCK_WEIGHTS=1)",
+    )
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -127,6 +134,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         index_options=args.index_options,
         num_threads=args.num_threads,
         prefix_cache_bytes=0 if args.no_prefix_cache else args.prefix_cache_bytes,
+        block_weights=not args.no_block_weights,
     )
 
 

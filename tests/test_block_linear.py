@@ -112,3 +112,13 @@ def test_default_model_gguf_blocks_equal_the_converted_weights(default_model_dir
     os.utime(cache, ns=(0, 0))
     gguf_blocks_for(gguf, state, tmp_path)
     assert cache.stat().st_mtime_ns != 0
+
+
+def test_server_flag_turns_block_weights_off(monkeypatch):
+    from server.cli import _engine_config, build_parser
+
+    parse = build_parser().parse_args
+    assert _engine_config(parse(["serve"])).block_weights
+    assert not _engine_config(parse(["serve", "--no-block-weights"])).block_weights
+    monkeypatch.setenv("LONGSERVE_NO_BLOCK_WEIGHTS", "1")
+    assert not _engine_config(build_parser().parse_args(["serve"])).block_weights

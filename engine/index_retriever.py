@@ -1,13 +1,17 @@
 """Serve the host tier's top-k searches from `retrieval/` indexes (faiss, hnswlib, graph).
 
-One `IndexRetriever` per sequence holds, for every layer, one index per query head; the
-indexes of a GQA group share one `KeyStore` copy of their KV head's keys where the index
-kind allows it. Indexes are built on a sequence's first decode search, from the host
-keys gathered during prefill and the prefill query sample (all layers at once, on a
-thread pool, with a progress bar for long contexts). Afterwards keys leaving the window
-are added incrementally in blocks of `add_block`, together with the decode queries seen
-since the last add; until a block is full its keys are scored exactly (a few dozen dot
-products) and merged with the index's answer, so no key is ever unsearchable.
+One `IndexRetriever` per sequence holds, for every layer, one index per KV head, which
+the query heads of its GQA group search together (one call, a batch of `group`
+queries): they attend over the same keys, and an attention-aware index built from the
+whole group's prefill queries finds their top keys about as well as one per query head
+(8K real text, layers 3/15/27: recall@100 within 0.026, at the same keys scanned) for a
+third of the build time and memory. Indexes are built on a sequence's first decode
+search, from the host keys gathered during prefill and the prefill query sample (all
+layers at once, on a thread pool, with a progress bar for long contexts). Afterwards
+keys leaving the window are added incrementally in blocks of `add_block`, together with
+the decode queries seen since the last add; until a block is full its keys are scored
+exactly (a few dozen dot products) and merged with the index's answer, so no key is
+ever unsearchable.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from engine.tiered_cache import ExactRetriever, HostRetriever, TieredCache
-from retrieval import STORE_BACKED_KINDS, BuildJob, KeyIndex, KeyStore, build_indexes
+from retrieval import BuildJob, KeyIndex, build_indexes
 from retrieval import create_index as _create_index
 
 logger = logging.getLogger(__name__)
@@ -30,7 +34,7 @@ PROGRESS_MIN_KEYS = 4096  # show a build progress bar from this many host keys o
 
 
 class IndexRetriever(HostRetriever):
-    """Per-(layer, query head) ANN indexes over one sequence's host tier."""
+    """Per-(layer, KV head) ANN indexes over one sequence's host tier."""
 
     def __init__(
         self,
@@ -54,32 +58,29 @@ class IndexRetriever(HostRetriever):
 
     # -- building -----------------------------------------------------------------------
 
-    def _new_layer(self, num_q_heads: int, hkv: int) -> list[KeyIndex]:
-        dim = self.cache.shape.head_dim
-        group = num_q_heads // hkv
-        if self.kind in STORE_BACKED_KINDS:
-            stores = [KeyStore(dim) for _ in range(hkv)]
-            return [
-                _create_index(self.kind, dim, store=stores[h // group], **self.options)
-                for h in range(num_q_heads)
-            ]
-        return [_create_index(self.kind, dim, **self.options) for _ in range(num_q_heads)]
+    def _group_queries(self, queries: np.ndarray, h: int) -> np.ndarray:
+        """KV head h's query heads' rows of queries [Hq, n, D], as one [group * n, D]."""
+        group = queries.shape[0] // self.cache.shape.num_kv_heads
+        return np.ascontiguousarray(
+            queries[h * group : (h + 1) * group].reshape(-1, queries.shape[2])
+        )
 
-    def build_all(self, num_q_heads: int) -> None:
+    def build_all(self) -> None:
         """Build every layer's indexes from the host tier and the prefill query sample."""
         start = time.monotonic()
         jobs: list[BuildJob] = []
-        hkv = self.cache.shape.num_kv_heads
-        group = num_q_heads // hkv
+        dim, hkv = self.cache.shape.head_dim, self.cache.shape.num_kv_heads
         for layer in range(self.cache.shape.num_layers):
             keys = self.cache.host_keys(layer).float().cpu().numpy()  # [Hkv, N, D]
             samples = self.cache.query_samples(layer)  # [Hq, n, D] or None
-            layer_indexes = self._new_layer(num_q_heads, hkv)
+            if samples is not None and samples.shape[1] > 0:
+                samples = samples.float().cpu().numpy()
+            else:
+                samples = None
+            layer_indexes = [_create_index(self.kind, dim, **self.options) for _ in range(hkv)]
             for h, index in enumerate(layer_indexes):
-                queries = None
-                if samples is not None and samples.shape[1] > 0:
-                    queries = samples[h].float().cpu().numpy()
-                jobs.append(BuildJob(index, keys[h // group], queries))
+                queries = None if samples is None else self._group_queries(samples, h)
+                jobs.append(BuildJob(index, keys[h], queries))
             self.indexes[layer] = layer_indexes
             self.indexed[layer] = keys.shape[1]
         total_keys = sum(self.cache.host_len)
@@ -108,19 +109,20 @@ class IndexRetriever(HostRetriever):
         if end - start < self.add_block:
             return  # searched exactly until the block is full
         block = self.cache.host_keys(layer)[:, start:end].float().cpu().numpy()
-        group = len(indexes) // block.shape[0]
         recent = self.recent_queries[layer]
+        stacked = np.stack(recent, axis=1) if recent else None  # [Hq, steps, D]
         for h, index in enumerate(indexes):
-            queries = np.stack([q[h] for q in recent]) if recent else None
-            index.add(block[h // group], queries)
+            queries = None if stacked is None else self._group_queries(stacked, h)
+            index.add(block[h], queries)
         self.indexed[layer] = end
         recent.clear()
 
     def search(self, layer: int, q: torch.Tensor, k: int) -> torch.Tensor:
         hq = q.shape[0]
         if self.indexes[layer] is None:
-            self.build_all(hq)
+            self.build_all()
         indexes = self.indexes[layer]
+        group = hq // len(indexes)
         q_np = q.float().cpu().numpy()
         recent = self.recent_queries[layer]
         recent.append(q_np)
@@ -131,9 +133,10 @@ class IndexRetriever(HostRetriever):
         scores = np.full((hq, width), -np.inf, dtype=np.float32)
         for h, index in enumerate(indexes):
             if width:
-                result = index.search(q_np[h : h + 1], width)
-                ids[h], scores[h] = result.ids[0], result.scores[0]
-                self.scanned += int(max(result.scanned[0], 0))
+                heads = slice(h * group, (h + 1) * group)
+                result = index.search(q_np[heads], width)
+                ids[heads], scores[heads] = result.ids, result.scores
+                self.scanned += int(np.maximum(result.scanned, 0).sum())
         if n_host > n_indexed:  # the not-yet-indexed block, scored exactly
             pending = self.cache.host_keys(layer)[:, n_indexed:n_host].float().cpu().numpy()
             group = hq // pending.shape[0]
@@ -150,13 +153,8 @@ class IndexRetriever(HostRetriever):
         return torch.from_numpy(np.ascontiguousarray(ids))
 
     def nbytes(self) -> int:
-        total = 0
-        for indexes in self.indexes:
-            for index in indexes or ():
-                total += index.nbytes
-            if indexes and self.kind in STORE_BACKED_KINDS:
-                total += sum({id(i.store): i.store.nbytes for i in indexes}.values())
-        return total
+        # each index owns its key store and counts it
+        return sum(index.nbytes for indexes in self.indexes for index in indexes or ())
 
     def free(self) -> None:
         self.indexes = [None] * len(self.indexes)

@@ -4,7 +4,10 @@ Measured in one run on this machine, so the ratios are meaningful even when abso
 timings are noisy. Usage:
 
     .venv/bin/python benchmarks/decode_speed.py [--contexts 512 2048] [--decode-tokens 64]
-        [--threads N]
+        [--threads N] [--variants float32 float32-dense bfloat16]
+
+A variant is a dtype; `-dense` turns off decoding from the GGUF's quantisation blocks
+(`--no-block-weights`), which only float32 uses.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def hf_single(model, prompt: list[int], decode_tokens: int) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--variants", nargs="+", default=["float32", "float32-dense", "bfloat16"])
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -90,7 +93,8 @@ def main() -> None:
     from engine.model_files import default_model_dir
 
     rows, batch_rows = [], []
-    for dtype in args.dtypes:
+    for variant in args.variants:
+        dtype = variant.removesuffix("-dense")
         # No prefix cache: the repeats reuse each prompt and must prefill it every time.
         engine = LLMEngine.from_config(
             EngineConfig(
@@ -98,6 +102,7 @@ def main() -> None:
                 max_num_batched_tokens=2048,
                 prefix_cache_bytes=0,
                 num_threads=args.threads,
+                block_weights=not variant.endswith("-dense"),
             )
         )
         hf = AutoModelForCausalLM.from_pretrained(
@@ -107,7 +112,7 @@ def main() -> None:
         ours_single(engine, random_prompt(64, vocab, 0), 8)  # warm-up
         hf_single(hf, random_prompt(64, vocab, 0), 8)
         with torch.inference_mode():
-            for ctx in tqdm(args.contexts, desc=f"{dtype} contexts"):
+            for ctx in tqdm(args.contexts, desc=f"{variant} contexts"):
                 prompt = random_prompt(ctx, vocab, ctx)
                 ours, theirs = [], []
                 for _ in range(args.repeats):  # interleaved, so drift hits both alike
@@ -117,14 +122,14 @@ def main() -> None:
                 o_dec = statistics.median(x[1] for x in ours)
                 t_pre = statistics.median(x[0] for x in theirs)
                 t_dec = statistics.median(x[1] for x in theirs)
-                rows.append((dtype, ctx, ctx / o_pre, ctx / t_pre, o_dec * 1e3, t_dec * 1e3))
+                rows.append((variant, ctx, ctx / o_pre, ctx / t_pre, o_dec * 1e3, t_dec * 1e3))
             batch_prompts = [random_prompt(512, vocab, 100 + i) for i in range(args.batch)]
             single = statistics.median(
                 ours_single(engine, batch_prompts[0], args.decode_tokens)[1]
                 for _ in range(args.repeats)
             )
             batched = ours_batched(engine, batch_prompts, args.decode_tokens)
-            batch_rows.append((dtype, batched, 1 / single))
+            batch_rows.append((variant, batched, 1 / single))
         del engine, hf
 
     print(
@@ -132,13 +137,13 @@ def main() -> None:
         "HF = transformers generate, same weights and dtype\n"
     )
     print(
-        "| dtype | context | prefill tok/s ours | prefill tok/s HF | decode ms/tok ours "
+        "| variant | context | prefill tok/s ours | prefill tok/s HF | decode ms/tok ours "
         "| decode ms/tok HF | decode speed-up (HF/ours) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for dtype, ctx, op, tp, od, td in rows:
         print(f"| {dtype} | {ctx} | {op:.0f} | {tp:.0f} | {od:.1f} | {td:.1f} | {td / od:.2f}x |")
-    print(f"\n| dtype | {args.batch} seqs at 512 ctx, tok/s | single stream tok/s | ratio |")
+    print(f"\n| variant | {args.batch} seqs at 512 ctx, tok/s | single stream tok/s | ratio |")
     print("|---|---:|---:|---:|")
     for dtype, batched, single in batch_rows:
         print(f"| {dtype} | {batched:.1f} | {single:.1f} | {batched / single:.2f}x |")

@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.model_config import ModelConfig
 from engine.model_files import default_gguf_path, default_model_dir
-from engine.models import build_model
-from engine.weights import load_safetensors_dir
+from engine.model_loader import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_speed import hf_single  # noqa: E402
@@ -108,9 +106,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
 
     model_dir = default_model_dir()
-    model = build_model(ModelConfig.from_dir(model_dir), dtype=dtype)
-    model.load_hf_state_dict(load_safetensors_dir(model_dir))
-    model.eval()
+    # As the engine loads it: packed weights, and in float32 the GGUF's blocks for decode.
+    model = load_model(None, dtype, block_weights=True).model
     model.pack_weights()
     vocab = model.config.vocab_size
     peers: dict[str, str] = {}

@@ -21,11 +21,8 @@ from engine.attention_backend import AttentionBackend
 from engine.forward_context import ForwardContext, SequenceSlice
 from engine.full_attention import FullAttentionBackend
 from engine.index_retriever import retriever_factory
-from engine.model_config import ModelConfig
-from engine.model_files import default_model_dir
-from engine.models import build_model
+from engine.model_loader import load_model
 from engine.tiered_attention import TieredAttentionBackend
-from engine.weights import load_safetensors_dir
 
 MODES = ("full", "retrieval", "streaming")
 HERE = Path(__file__).parent
@@ -76,10 +73,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "tiered_decode")
     args = parser.parse_args()
 
-    model_dir = default_model_dir()
-    model = build_model(ModelConfig.from_dir(model_dir))
-    model.load_hf_state_dict(load_safetensors_dir(model_dir))
-    model.eval()
+    # As the engine loads it: packed weights and the GGUF's blocks for decode.
+    model = load_model(None, block_weights=True).model
+    model.pack_weights()
     vocab = model.config.vocab_size
 
     rows = []

@@ -41,9 +41,11 @@ from kernels import (
     partial_attention,
 )
 from kernels.decode_attention import KERNEL_DTYPES, decode_attention
+from kernels.thread_split import run_ranges, split_parts
 
 MODES = ("retrieval", "streaming")
 _COUNTERS = ("queries", "scanned", "candidates")
+MIN_SEQS_PER_SEARCH_THREAD = 2
 
 
 class TieredAttentionBackend(AttentionBackend):
@@ -313,9 +315,15 @@ class TieredAttentionBackend(AttentionBackend):
         """Attention of q [B, Hq, D] over each sequence's retrieved host keys, on the CPU."""
         qc = q.to("cpu")
         hq = qc.shape[1]
-        gathered = []
-        for j, s in enumerate(slices):
-            gathered.append(self._retrieve(layer, s.cache, qc[j]))
+        gathered: list = [None] * len(slices)
+
+        def retrieve(lo: int, hi: int) -> None:
+            for j in range(lo, hi):
+                gathered[j] = self._retrieve(layer, slices[j].cache, qc[j])
+
+        # Index searches release the GIL (compiled kernels): sequences run on both cores.
+        parts = split_parts(len(slices), MIN_SEQS_PER_SEARCH_THREAD)
+        run_ranges(retrieve, [len(slices) * i // parts for i in range(parts + 1)])
         if len(gathered) == 1:
             k_rows, v_rows, valid = (t.unsqueeze(0) for t in gathered[0])
             return attention_over_rows(qc, k_rows, v_rows, scale, valid)

@@ -18,6 +18,7 @@ tier is then its `shared` segments (oldest first) followed by its own rows.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,6 +187,8 @@ class HostSegment:
         self.samplers = samplers
         self.retriever_factory = retriever_factory
         self.retriever: HostRetriever | None = None
+        # Children of one snapshot may search it from several threads at once.
+        self._search_lock = threading.Lock()
 
     def host_keys(self, layer: int) -> torch.Tensor:
         return self.host_k[layer]
@@ -198,9 +201,10 @@ class HostSegment:
 
     def search(self, layer: int, q: torch.Tensor, k: int) -> torch.Tensor:
         """Row indices [Hq, k'] into this segment for queries q [Hq, D]."""
-        if self.retriever is None:
-            self.retriever = self.retriever_factory(self)
-        return self.retriever.search(layer, q, k)
+        with self._search_lock:
+            if self.retriever is None:
+                self.retriever = self.retriever_factory(self)
+            return self.retriever.search(layer, q, k)
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.host_k + self.host_v)

@@ -110,3 +110,41 @@ def test_approximate_indexes_stay_close_to_full_attention(kind):
 def test_unknown_index_kind_is_rejected():
     with pytest.raises(ValueError, match="valid kinds"):
         retriever_factory("annoy")
+
+
+def test_batched_searches_on_threads_equal_serial_ones(monkeypatch):
+    """A decode batch's host searches run on several threads when splitting is on; the
+    outputs equal those of the same batch searched on one thread."""
+    import kernels.thread_split as split
+
+    chunks, decodes = _data(1024, 3)
+    results = []
+    for threads in (1, 2):
+        monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        backend = TieredAttentionBackend(
+            SHAPE,
+            "retrieval",
+            sink_tokens=16,
+            window_tokens=64,
+            top_k=32,
+            retriever_factory=retriever_factory("attention-aware"),
+        )
+        cache = backend.new_cache()
+        for q, k, v in chunks:
+            ctx = ForwardContext(
+                [SequenceSlice(cache, 0, q.shape[0], backend.cache_len(cache))], backend
+            )
+            for layer in range(2):
+                backend.forward(layer, q, k, v, ctx, 32**-0.5)
+        batch = [cache] + [backend.fork(cache) for _ in range(3)]
+        outs = []
+        for q, k, v in decodes:
+            qb, kb, vb = (t.expand(4, *t.shape[1:]).contiguous() for t in (q, k, v))
+            slices = [SequenceSlice(c, i, 1, backend.cache_len(c)) for i, c in enumerate(batch)]
+            ctx = ForwardContext(slices, backend)
+            outs.append([backend.forward(layer, qb, kb, vb, ctx, 32**-0.5) for layer in range(2)])
+        results.append(outs)
+    for serial, threaded in zip(*results, strict=True):
+        for a, b in zip(serial, threaded, strict=True):
+            assert torch.equal(a, b)

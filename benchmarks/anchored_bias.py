@@ -6,6 +6,13 @@ is spread exactly evenly) and measures what the correction costs on ordinary tex
 perplexity of 20 passages (the opening 700 characters of 20 Python stdlib module
 docstrings) with and without the field.
 
+With --select it chooses the configuration instead, without looking at val: it
+calibrates a small grid of configurations on the first --max-questions train questions
+(one capture pass), evaluates each on the next --select-questions train questions (held
+out from the calibration) and keeps the one whose 'A' share is within 10 points of the
+gold share with the highest accuracy, then the lowest RStd; that profile goes to --out.
+
+    .venv/bin/python benchmarks/anchored_bias.py --select [--out DIR]
     .venv/bin/python benchmarks/anchored_bias.py [--profile DIR] [--out DIR]
 """
 
@@ -18,6 +25,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,12 +34,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.bias_calibrate import CalibrationConfig, calibrate  # noqa: E402
+from engine.bias_calibrate import CalibrationConfig, calibrate, calibrate_grid  # noqa: E402
 from engine.bias_profile import save_profile  # noqa: E402
 from engine.forward_context import ForwardContext, SequenceSlice  # noqa: E402
 from engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.mc_data import read_truthfulqa_csv  # noqa: E402
-from engine.mc_eval import evaluate  # noqa: E402
+from engine.mc_eval import MCReport, evaluate  # noqa: E402
 from server.bias_cli import format_table  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "truthfulqa"
@@ -40,6 +48,8 @@ PASSAGE_MODULES = (
     "typing ast configparser copy hashlib io os pdb random shelve"
 ).split()
 PASSAGE_CHARS = 700
+CONFIG_FIELDS = ("max_questions", "num_neurons", "neuron_scale", "num_heads", "iterations")
+MAX_A_SHARE_GAP = 0.10  # selection: the 'A' share must be this close to the gold share
 
 
 def passages() -> list[str]:
@@ -74,6 +84,98 @@ def perplexity(engine: LLMEngine, texts: list[str], correction: str | None) -> f
     return math.exp(total_nll / total_tokens)
 
 
+def _config_name(c: CalibrationConfig) -> str:
+    neurons = f"{c.num_neurons}x{c.neuron_scale:g}" if c.num_neurons else "0"
+    return f"anchored: neurons {neurons}, heads {c.num_heads}, passes {c.iterations}"
+
+
+def choose(reports: list[MCReport]) -> int:
+    """Index of the chosen configuration: among those whose 'A' share is within
+    MAX_A_SHARE_GAP of the gold 'A' share, the highest accuracy, then the lowest RStd
+    (then the first); ValueError if none qualifies."""
+    ok = [
+        i
+        for i, r in enumerate(reports)
+        if abs(r.shares["A"] - r.gold_shares["A"]) <= MAX_A_SHARE_GAP + 1e-9
+    ]
+    if not ok:
+        raise ValueError("no configuration brings the 'A' share within 10 points of gold")
+    return min(ok, key=lambda i: (-reports[i].accuracy, reports[i].rstd))
+
+
+def select(engine: LLMEngine, args: argparse.Namespace) -> None:
+    """Calibrate the grid on train questions [0, n), evaluate it on the held-out train
+    questions [n, n + m) (all rotations), print the table and save the chosen profile."""
+    train = read_truthfulqa_csv(args.train, rotate=False)
+    n, m = args.max_questions, args.select_questions
+    cal, held = train[:n], train[n : n + m]
+    if len(held) < m:
+        raise SystemExit(f"{args.train} has {len(train)} usable questions, {n + m} needed")
+    assert not {q.question for q in cal} & {q.question for q in held}
+    held_items = [r for q in held for r in q.rotations()]
+    base = CalibrationConfig(**{f: getattr(args, f) for f in CONFIG_FIELDS})
+    grid = [
+        replace(base, num_neurons=neurons, num_heads=heads, iterations=passes)
+        for neurons in args.grid_neurons
+        for heads in args.grid_heads
+        for passes in args.grid_iterations
+    ]
+    start = time.monotonic()
+    profiles = calibrate_grid(engine, cal, grid, progress=True)
+    calibration_s = time.monotonic() - start
+    print(f"calibrated {len(grid)} configurations on {n} train questions in {calibration_s:.0f} s")
+
+    rows = []  # (name, config, report, seconds)
+    for name, config, profile, correction in [
+        ("none", None, profiles[0], None),
+        ("prior", None, profiles[0], "prior:select"),  # one capture: one prior for all
+        *[(_config_name(c), c, p, "anchored:select") for c, p in zip(grid, profiles, strict=True)],
+    ]:
+        engine.bias.register("select", profile)
+        try:
+            t = time.monotonic()
+            report = evaluate(engine, held_items, correction, progress=True)
+            rows.append((name, config, report, time.monotonic() - t))
+        finally:
+            engine.bias.unregister("select")
+    chosen = 2 + choose([r for _, c, r, _ in rows[2:]])
+    chosen_profile = profiles[chosen - 2]
+    chosen_profile.calibration["data"] = "truthfulqa/train.csv"
+    save_profile(chosen_profile, args.out)
+
+    print()
+    print(
+        f"Selection on held-out TruthfulQA train questions {n}..{n + m - 1} "
+        f"({len(held_items)} prompts; calibration: train questions 0..{n - 1})"
+    )
+    print(format_table([(name, r) for name, _, r, _ in rows]))
+    print(f"\nchosen: {rows[chosen][0]} -> {args.out}")
+    result = {
+        "model": engine.model_name,
+        "python": platform.python_version(),
+        "calibration": {"data": "truthfulqa/train.csv", "questions": [0, n - 1]},
+        "calibration_seconds": round(calibration_s, 1),
+        "held_out": {"data": "truthfulqa/train.csv", "questions": [n, n + m - 1]},
+        "criterion": "A share within 10 points of the gold share, then accuracy, then RStd",
+        "rows": [
+            {
+                "name": name,
+                "config": None if c is None else {f: getattr(c, f) for f in CONFIG_FIELDS},
+                **r.as_dict(),
+                "seconds": round(s, 1),
+            }
+            for name, c, r, s in rows
+        ],
+        "chosen": rows[chosen][0],
+    }
+    Path(args.select_json).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.select_json}")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", default=str(DATA / "train.csv"))
@@ -82,8 +184,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/anchored_bias_profile"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/anchored_bias.json"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--select", action="store_true", help="choose the config on train")
+    parser.add_argument("--select-questions", type=int, default=70)
+    parser.add_argument("--grid-neurons", type=_int_list, default=[0, 10])
+    parser.add_argument("--grid-heads", type=_int_list, default=[10, 20])
+    parser.add_argument("--grid-iterations", type=_int_list, default=[3, 4])
+    parser.add_argument(
+        "--select-json", default=str(ROOT / "benchmarks/results/anchored_bias_selection.json")
+    )
     defaults = CalibrationConfig()
-    for name in ("max_questions", "num_neurons", "neuron_scale", "num_heads", "iterations"):
+    for name in CONFIG_FIELDS:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(
             flag, type=type(getattr(defaults, name)), default=getattr(defaults, name)
@@ -93,18 +203,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     engine = LLMEngine.from_config(EngineConfig())
+    if args.select:
+        select(engine, args)
+        return
     calibration_s = None
     if args.profile:
         profile_dir = args.profile
     else:
         start = time.monotonic()
         train = read_truthfulqa_csv(args.train, rotate=False)
-        config = CalibrationConfig(
-            **{
-                f: getattr(args, f)
-                for f in ("max_questions", "num_neurons", "neuron_scale", "num_heads", "iterations")
-            }
-        )
+        config = CalibrationConfig(**{f: getattr(args, f) for f in CONFIG_FIELDS})
         profile = calibrate(engine, train, config, progress=True)
         profile.calibration["data"] = "truthfulqa/train.csv"
         calibration_s = time.monotonic() - start
@@ -143,6 +251,10 @@ def main() -> None:
         if Path(profile_dir).is_relative_to(ROOT)
         else profile_dir,
         "calibration_seconds": None if calibration_s is None else round(calibration_s, 1),
+        "calibration": {
+            k: engine.bias.profiles["default"].calibration.get(k)
+            for k in ("data", "questions", "prompts", "config")
+        },
         "val": {name: {**r.as_dict(), "seconds": round(s, 1)} for name, r, s in rows},
         "perplexity": {"passages": PASSAGE_MODULES, "chars": PASSAGE_CHARS, **ppl},
     }

@@ -18,13 +18,14 @@ logit lens) and are solved by a few damped Newton passes so that, over the calib
 prompts, every letter's mean probability (softmax over the letters) reaches 1/K. The
 PriDe prior comes from the same capture: per question the softmax of the mean
 log-probabilities over its rotations, averaged over the first `prior_questions`
-questions.
+questions. `calibrate_grid` makes several profiles from one capture pass (to choose a
+configuration on held-out data).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -284,10 +285,71 @@ def calibrate(
 ) -> BiasProfile:
     """Calibrate a profile on `questions` (each used in all its cyclic rotations)."""
     config = config or CalibrationConfig()
+    return calibrate_grid(engine, questions, [config], max_questions, progress)[0]
+
+
+@dataclass
+class _Prepared:
+    """The calibration prompts and what one uncorrected capture pass found in them."""
+
+    questions: int
+    prompts: list[list[int]]
+    letters: list[str]
+    letter_ids: list[int]
+    gold: torch.Tensor
+    cap: Capture
+    lens: LogitLens
+    stats: dict
+    prior: torch.Tensor
+    seconds: float  # the capture pass and the analysis
+
+
+# what the capture pass depends on: every config of one grid must agree on these
+_CAPTURE_FIELDS = ("max_questions", "prior_questions", "batch_tokens")
+
+
+def calibrate_grid(
+    engine: LLMEngine,
+    questions: list[MCItem],
+    configs: list[CalibrationConfig],
+    max_questions: int | None = None,
+    progress: bool = False,
+) -> list[BiasProfile]:
+    """One profile per config, all from one capture pass over `questions`.
+
+    The configs must agree on `max_questions`, `prior_questions` and `batch_tokens`.
+    Configs that differ only in `iterations` share their correction passes (the passes
+    are deterministic, so the profile after n passes is a snapshot of a longer run).
+    """
+    if not configs:
+        raise ValueError("calibrate_grid needs at least one config")
+    for f in _CAPTURE_FIELDS:
+        if len({getattr(c, f) for c in configs}) > 1:
+            raise ValueError(f"every config of a calibration grid must have the same {f}")
     if engine.model_config.architecture != "llama":
         raise ValueError("bias calibration supports Llama-family models")
-    limit = max_questions if max_questions is not None else config.max_questions
-    questions = _unique_questions(questions)[:limit]
+    limit = max_questions if max_questions is not None else configs[0].max_questions
+    prep = _prepare(engine, _unique_questions(questions)[:limit], configs[0], progress)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        key = tuple(
+            getattr(c, f) for f in CalibrationConfig.__dataclass_fields__ if f != "iterations"
+        )
+        groups.setdefault(key, []).append(i)
+    out: list[BiasProfile | None] = [None] * len(configs)
+    for members in groups.values():
+        longest = max(members, key=lambda i: configs[i].iterations)
+        fitted = _fit(engine, prep, configs[longest], progress)
+        for i in members:
+            p = fitted[min(configs[i].iterations, len(fitted) - 1)]
+            config = {**p.calibration["config"], "iterations": configs[i].iterations}
+            out[i] = replace(p, calibration={**p.calibration, "config": config})
+    return out
+
+
+def _prepare(
+    engine: LLMEngine, questions: list[MCItem], config: CalibrationConfig, progress: bool
+) -> _Prepared:
     k = len(questions[0].options)
     if any(len(q.options) != k for q in questions):
         raise ValueError("every calibration item must have the same number of options")
@@ -300,12 +362,30 @@ def calibrate(
     letter_ids = letter_token_ids(tok, k)
     marks = [tok.encode(f"\n{c}:", add_special_tokens=False) for c in items[0].letters]
     positions = [_letter_positions(p, marks) for p in prompts]
-    gold = torch.tensor([it.answer for it in items])
-
     cap = capture(engine, prompts, positions, letter_ids, config.batch_tokens, progress)
     lens = LogitLens(engine, letter_ids)
-    stats = analyse(lens, cap)
-    prior = pride_prior(cap.logits[: config.prior_questions * k], k)
+    return _Prepared(
+        questions=len(questions),
+        prompts=prompts,
+        letters=list(items[0].letters),
+        letter_ids=letter_ids,
+        gold=torch.tensor([it.answer for it in items]),
+        cap=cap,
+        lens=lens,
+        stats=analyse(lens, cap),
+        prior=pride_prior(cap.logits[: config.prior_questions * k], k),
+        seconds=time.monotonic() - start,
+    )
+
+
+def _fit(
+    engine: LLMEngine, prep: _Prepared, config: CalibrationConfig, progress: bool
+) -> list[BiasProfile]:
+    """The profile after each correction pass 0..config.iterations (fewer when there are
+    no heads to offset: then pass 0 is the only one)."""
+    start = time.monotonic()
+    stats, lens, prompts, letter_ids = prep.stats, prep.lens, prep.prompts, prep.letter_ids
+    k = len(letter_ids)
     neurons = _rank(stats["neuron"], config.num_neurons)
     heads = _rank(stats["head_direct"], config.num_heads)
 
@@ -314,14 +394,23 @@ def calibrate(
     jac = torch.cat([lens.centred @ lens.head_map(l, h) for l, h in heads], 1) * stats["inv_rms"]
     theta = torch.zeros(len(heads) * d)
     base = engine.model_name
-    letters = list(items[0].letters)
+
+    def make(theta: torch.Tensor, calibration: dict) -> BiasProfile:
+        offsets = theta.view(len(heads), d)
+        return _profile(
+            base,
+            prep.letters,
+            letter_ids,
+            neurons,
+            config.neuron_scale,
+            heads,
+            offsets,
+            prep.prior,
+            calibration,
+        )
 
     def measure(theta: torch.Tensor) -> torch.Tensor:
-        offsets = theta.view(len(heads), d)
-        trial = _profile(
-            base, letters, letter_ids, neurons, config.neuron_scale, heads, offsets, prior, {}
-        )
-        engine.bias.register(_PROBE_PROFILE, trial)
+        engine.bias.register(_PROBE_PROFILE, make(theta, {}))
         try:
             return letter_logits(
                 engine,
@@ -334,14 +423,15 @@ def calibrate(
         finally:
             engine.bias.unregister(_PROBE_PROFILE)
 
-    history = []
+    history, snapshots = [], []
     rounds = tqdm(range(config.iterations + 1), disable=not progress, desc="correct")
-    logits, gain, prev = None, 1.0, None
+    gain, prev = 1.0, None
     for i in rounds:
         logits = measure(theta)
         probs = torch.softmax(logits.double(), dim=1)
         residual = (probs.mean(0) - 1.0 / k).float()  # the letters' mean probabilities
         history.append([round(float(x), 4) for x in probs.mean(0)])
+        snapshots.append((theta.clone(), logits, list(history), time.monotonic() - start))
         if not heads or i == config.iterations:
             break
         if prev is not None:
@@ -360,16 +450,8 @@ def calibrate(
             step = step * (config.max_logit_step / reach)
         prev = (residual, jac_p @ step)
         theta = theta + step
-    before = summarise(cap.logits.argmax(1), gold, k)
-    after = summarise(logits.argmax(1), gold, k)
-    calibration = {
-        "questions": len(questions),
-        "prompts": len(prompts),
-        "config": {f: getattr(config, f) for f in CalibrationConfig.__dataclass_fields__},
-        "seconds": round(time.monotonic() - start, 1),
-        "before": before.as_dict(),
-        "after": after.as_dict(),
-        "mean_letter_probs": history,
+    before = summarise(prep.cap.logits.argmax(1), prep.gold, k).as_dict()
+    found = {
         "residual_lens_first_minus_others": [round(x, 4) for x in stats["residual_lens"]],
         "neuron_contrib": [round(float(stats["neuron"][l, i]), 4) for l, i in neurons],
         "head_contrib": [round(float(stats["head_direct"][l, h]), 4) for l, h in heads],
@@ -381,17 +463,20 @@ def calibrate(
             for l, h in heads
         ],
     }
-    return _profile(
-        base,
-        letters,
-        letter_ids,
-        neurons,
-        config.neuron_scale,
-        heads,
-        theta.view(len(heads), d),
-        prior,
-        calibration,
-    )
+    profiles = []
+    for theta, logits, history, fit_s in snapshots:
+        calibration = {
+            "questions": prep.questions,
+            "prompts": len(prompts),
+            "config": {f: getattr(config, f) for f in CalibrationConfig.__dataclass_fields__},
+            "seconds": round(prep.seconds + fit_s, 1),
+            "before": before,
+            "after": summarise(logits.argmax(1), prep.gold, k).as_dict(),
+            "mean_letter_probs": history,
+            **found,
+        }
+        profiles.append(make(theta, calibration))
+    return profiles
 
 
 def _unique_questions(items: list[MCItem]) -> list[MCItem]:

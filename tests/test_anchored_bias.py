@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from engine.bias_calibrate import CalibrationConfig, calibrate
+from engine.bias_calibrate import CalibrationConfig, calibrate, calibrate_grid
 from engine.bias_profile import BiasProfile, load_profile, save_profile
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.lofit_adapter import LofitAdapter, save_adapter
@@ -269,6 +269,30 @@ def test_calibration_is_deterministic_and_reduces_the_letter_bias(tiny_model_dir
     engine.load_bias_profile("tiny", str(tmp_path / "p"))  # its base model is this model
     with pytest.raises(ValueError, match="calibrated for base model"):
         engine.load_bias_profile("x", str(_save(tmp_path / "q", _synthetic_profile())))
+
+
+def test_calibration_grid_matches_calibrating_each_config_alone(tiny_model_dir):
+    engine = LLMEngine.from_config(EngineConfig(model=str(tiny_model_dir)))
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "rock"]
+    items = [
+        MCItem(f"Which one is {words[i]}?", tuple(words[(i + j) % 10] for j in range(4)), 0)
+        for i in range(4)
+    ]
+    configs = [
+        CalibrationConfig(num_neurons=n, num_heads=2, iterations=it, prior_questions=4)
+        for n in (0, 3)
+        for it in (1, 2)
+    ]
+    grid = calibrate_grid(engine, items, configs)  # one capture, two correction runs
+    for config, profile in zip(configs, grid, strict=True):
+        alone = calibrate(engine, items, config)
+        assert profile.neurons == alone.neurons and profile.heads == alone.heads
+        assert torch.equal(profile.head_offsets, alone.head_offsets)
+        assert torch.equal(profile.prior, alone.prior)
+        assert profile.calibration["config"] == alone.calibration["config"]
+        assert profile.calibration["mean_letter_probs"] == alone.calibration["mean_letter_probs"]
+    with pytest.raises(ValueError, match="same prior_questions"):
+        calibrate_grid(engine, items, [CalibrationConfig(prior_questions=2), CalibrationConfig()])
 
 
 def _save(path, profile):

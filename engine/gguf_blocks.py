@@ -130,11 +130,11 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, BlockWeight] | None:
             meta = f.metadata() or {}
             if meta.get("fingerprint") != fingerprint:
                 return None
-            rows = json.loads(meta["out_features"])
+            layout = json.loads(meta["layout"])  # name -> [out_features, packed]
             parts = (".q", ".d", ".m")
             return {
-                name: BlockWeight.from_tiles(*(f.get_tensor(name + p) for p in parts), n)
-                for name, n in rows.items()
+                name: BlockWeight.from_tiles(*(f.get_tensor(name + p) for p in parts), n, packed)
+                for name, (n, packed) in layout.items()
             }
     except (OSError, ValueError, KeyError, json.JSONDecodeError):  # absent or unreadable
         return None
@@ -147,11 +147,11 @@ def _write_cache(path: Path, blocks: dict[str, BlockWeight], fingerprint: str) -
     for name, weight in blocks.items():
         q, d, m = weight.tiles()
         arrays.update({name + ".q": q, name + ".d": d, name + ".m": m})
-    rows = json.dumps({name: w.out_features for name, w in blocks.items()})
+    layout = json.dumps({name: [w.out_features, w.packed] for name, w in blocks.items()})
     try:
         fd, tmp = tempfile.mkstemp(prefix=".blocks-", dir=path.parent)
         os.close(fd)
-        save_file(arrays, tmp, metadata={"fingerprint": fingerprint, "out_features": rows})
+        save_file(arrays, tmp, metadata={"fingerprint": fingerprint, "layout": layout})
         os.replace(tmp, path)
     except OSError as exc:  # e.g. a read-only model directory: work without the cache
         logger.info("Not caching GGUF blocks in %s: %s", path.parent, exc)

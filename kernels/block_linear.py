@@ -2,7 +2,7 @@
 
 A quantised checkpoint's weights are w = d * q + m per block of 32 inputs (q a small
 integer, d and m one float each). Dequantised to dense float32 they cost 4 bytes each;
-kept as blocks, 1.25. Decode of one sequence reads every weight once per token and is
+kept as blocks, 0.75 (4-bit values two per byte) or 1.25 (8-bit). Decode of one sequence reads every weight once per token and is
 bound by that traffic, so for a few rows `BlockWeight.matmul` computes
 
     y = sum over blocks b of d_b * (q_b . x_b) + m_b * sum(x_b)
@@ -33,8 +33,8 @@ MIN_TILES_PER_THREAD = 2
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _tiles_matmul(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
-    n_in = qt.shape[1]
+def _tiles_matmul(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - compiled
+    n_in = dt.shape[1] * 32
     width = qt.shape[2]
     blocks = n_in // 32
     part = np.empty(width, np.float32)
@@ -50,9 +50,17 @@ def _tiles_matmul(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
                 for i in range(b * 32, b * 32 + 32, 4):
                     x0, x1, x2, x3 = xr[i], xr[i + 1], xr[i + 2], xr[i + 3]
                     xsum += (x0 + x1) + (x2 + x3)
-                    q0, q1, q2, q3 = q[i], q[i + 1], q[i + 2], q[i + 3]
-                    for r in range(width):
-                        part[r] += (q0[r] * x0 + q1[r] * x1) + (q2[r] * x2 + q3[r] * x3)
+                    if packed:  # input i in the low nibble of row i / 2, i + 1 in the high
+                        p0, p1 = q[i >> 1], q[(i >> 1) + 1]
+                        for r in range(width):
+                            a, c = p0[r], p1[r]
+                            a0, a1 = np.float32(a & 15), np.float32(a >> 4)
+                            c0, c1 = np.float32(c & 15), np.float32(c >> 4)
+                            part[r] += (a0 * x0 + a1 * x1) + (c0 * x2 + c1 * x3)
+                    else:
+                        q0, q1, q2, q3 = q[i], q[i + 1], q[i + 2], q[i + 3]
+                        for r in range(width):
+                            part[r] += (q0[r] * x0 + q1[r] * x1) + (q2[r] * x2 + q3[r] * x3)
                 db = dt[tile, b]
                 mb = mt[tile, b]
                 for r in range(width):
@@ -61,10 +69,10 @@ def _tiles_matmul(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
+def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - compiled
     """_tiles_matmul for several rows of x: each group of 4 weight rows is widened to
     float32 once and used for every row of x."""
-    n_in = qt.shape[1]
+    n_in = dt.shape[1] * 32
     width = qt.shape[2]
     rows = x.shape[0]
     blocks = n_in // 32
@@ -79,11 +87,19 @@ def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
             part[:] = 0.0
             xsum[:] = 0.0
             for i in range(b * 32, b * 32 + 32, 4):
-                for j in range(4):
-                    src = q[i + j]
-                    dst = wide[j]
-                    for r in range(width):
-                        dst[r] = src[r]
+                if packed:
+                    for j in range(2):
+                        src = q[(i >> 1) + j]
+                        lo, hi = wide[2 * j], wide[2 * j + 1]
+                        for r in range(width):
+                            lo[r] = src[r] & 15
+                            hi[r] = src[r] >> 4
+                else:
+                    for j in range(4):
+                        src = q[i + j]
+                        dst = wide[j]
+                        for r in range(width):
+                            dst[r] = src[r]
                 w0, w1, w2, w3 = wide[0], wide[1], wide[2], wide[3]
                 for row in range(rows):
                     x0, x1, x2, x3 = x[row, i], x[row, i + 1], x[row, i + 2], x[row, i + 3]
@@ -113,8 +129,23 @@ def _to_tiles(a: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(-1, width, a.shape[1]).transpose(0, 2, 1))
 
 
+def _pack_nibbles(tiles: np.ndarray) -> np.ndarray:
+    """[tiles, in, width] values 0..15 -> [tiles, in / 2, width], input 2j in the low
+    nibble of row j and 2j + 1 in the high one."""
+    return np.ascontiguousarray(tiles[:, 0::2] | (tiles[:, 1::2] << 4))
+
+
+def _unpack_nibbles(tiles: np.ndarray) -> np.ndarray:
+    out = np.empty((tiles.shape[0], 2 * tiles.shape[1], tiles.shape[2]), np.uint8)
+    out[:, 0::2], out[:, 1::2] = tiles & 15, tiles >> 4
+    return out
+
+
 class BlockWeight:
-    """A [out, in] weight as q [out, in] (uint8 or int8), d and m [out, in / 32] float32."""
+    """A [out, in] weight as q [out, in] (uint8 or int8), d and m [out, in / 32] float32.
+
+    4-bit values (uint8 0..15, as Q4_1 has) are stored two to a byte.
+    """
 
     def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> None:
         out_features, in_features = q.shape
@@ -128,25 +159,35 @@ class BlockWeight:
         self.out_features, self.in_features = out_features, in_features
         self.width = _tile_width(out_features)
         self.q_tiles = _to_tiles(q, self.width)
+        self.packed = q.dtype == np.uint8 and int(q.max(initial=0)) < 16
+        if self.packed:
+            self.q_tiles = _pack_nibbles(self.q_tiles)
         self.d_tiles = _to_tiles(d.astype(np.float32), self.width)
         self.m_tiles = _to_tiles(m.astype(np.float32), self.width)
 
     @classmethod
     def from_tiles(
-        cls, q_tiles: np.ndarray, d_tiles: np.ndarray, m_tiles: np.ndarray, out_features: int
+        cls,
+        q_tiles: np.ndarray,
+        d_tiles: np.ndarray,
+        m_tiles: np.ndarray,
+        out_features: int,
+        packed: bool,
     ) -> BlockWeight:
-        """Rebuild from the stored layout (`tiles()`), e.g. read back from a file."""
+        """Rebuild from the stored layout (`tiles()`, `packed`), e.g. read from a file."""
         weight = cls.__new__(cls)
         weight.q_tiles, weight.d_tiles, weight.m_tiles = q_tiles, d_tiles, m_tiles
+        weight.packed = packed
         weight.width = q_tiles.shape[2]
-        weight.in_features = q_tiles.shape[1]
+        weight.in_features = q_tiles.shape[1] * (2 if packed else 1)
         weight.out_features = out_features
         if d_tiles.shape != m_tiles.shape or d_tiles.shape[1] * BLOCK != weight.in_features:
             raise ValueError("inconsistent block tiles")
         return weight
 
     def tiles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The stored layout: q [tiles, in, width], d and m [tiles, in / 32, width]."""
+        """The stored layout: q [tiles, in (/ 2 when packed), width], d and m
+        [tiles, in / 32, width]."""
         return self.q_tiles, self.d_tiles, self.m_tiles
 
     @classmethod
@@ -161,7 +202,8 @@ class BlockWeight:
         def rows(tiles: np.ndarray) -> np.ndarray:
             return tiles.transpose(0, 2, 1).reshape(-1, tiles.shape[1])[: self.out_features]
 
-        return rows(self.q_tiles), rows(self.d_tiles), rows(self.m_tiles)
+        q = _unpack_nibbles(self.q_tiles) if self.packed else self.q_tiles
+        return rows(q), rows(self.d_tiles), rows(self.m_tiles)
 
     def dequantize(self) -> torch.Tensor:
         """The dense float32 weight, rounded as GGUF's dequantisation rounds: d * q + m."""
@@ -169,6 +211,10 @@ class BlockWeight:
         w = q.astype(np.float32).reshape(self.out_features, -1, BLOCK)
         w = w * d[:, :, None] + m[:, :, None]
         return torch.from_numpy(w.reshape(self.out_features, self.in_features))
+
+    def _kernel_range(self, kernel, *args) -> None:
+        """kernel over tiles [lo, hi) (the last two of args, as run_ranges passes them)."""
+        kernel(*args, self.packed)
 
     @property
     def nbytes(self) -> int:
@@ -185,9 +231,9 @@ class BlockWeight:
         kernel = _tiles_matmul if x.shape[0] == 1 else _tiles_matmul_rows
         parts = split_parts(tiles, MIN_TILES_PER_THREAD)
         if parts <= 1:
-            kernel(*args, 0, tiles)
+            kernel(*args, 0, tiles, self.packed)
         else:
             cuts = [tiles * i // parts for i in range(parts + 1)]
-            run_ranges(kernel, cuts, *args)
+            run_ranges(self._kernel_range, cuts, kernel, *args)
         out = torch.from_numpy(y)
         return out if y.shape[1] == self.out_features else out[:, : self.out_features].contiguous()

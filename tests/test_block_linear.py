@@ -42,6 +42,8 @@ def test_matmul_equals_the_dense_product(out, inp, signed, threads, monkeypatch)
 
 def test_blocks_round_trip_and_concat():
     a, b = _weight(192, 64, False, seed=1), _weight(70, 64, False, seed=2)
+    assert a.packed and a.q_tiles.shape[1] == 32  # 4-bit values, two per byte
+    assert not _weight(192, 64, True).packed
     fused = BlockWeight.concat([a, b])
     assert fused.out_features == 262
     assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))

@@ -165,9 +165,13 @@ def build_index(kind, keys, queries, sinks, window, n_sample, added, block=64):
 
 
 def bench_case(keys, queries, tests, args, rows, case):
-    """Build and sweep every kind on one (layer, head); appends result rows."""
+    """Build and sweep every kind on one (layer, head); appends result rows.
+
+    `queries` are the prefill queries the index is built from: the head's own, or with
+    --grouped its whole GQA group's, position by position (as the engine builds one
+    index per KV head)."""
     truth, _ = exact_topk(keys, tests, args.k)
-    n_sample = args.tokens - args.test
+    n_sample = len(queries)
     added = round(args.incremental * len(keys))
     variants = [(kind, 0) for kind in args.kinds]
     if added:
@@ -289,6 +293,12 @@ def main() -> None:
         help="also measure indexes built on the first keys with this fraction added "
         "afterwards, with their decode queries (0: skip)",
     )
+    p.add_argument(
+        "--grouped",
+        action="store_true",
+        help="build each index from the prefill queries of the head's whole GQA group, "
+        "as the engine does (one index per KV head); needs --incremental 0",
+    )
     p.add_argument("--out", type=Path, default=HERE / "index_recall")
     p.add_argument(
         "--cache",
@@ -297,6 +307,8 @@ def main() -> None:
         "matches --tokens/--layers), else written after the capture",
     )
     args = p.parse_args()
+    if args.grouped and args.incremental:
+        raise SystemExit("--grouped needs --incremental 0")
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
@@ -313,7 +325,12 @@ def main() -> None:
         q, k = captured[layer]
         for head in args.heads:
             keys = np.ascontiguousarray(k[head // group, args.sinks : hi])
-            queries = np.ascontiguousarray(q[: args.tokens - args.test, head])
+            if args.grouped:
+                first = head // group * group
+                own = q[: args.tokens - args.test, first : first + group]
+                queries = np.ascontiguousarray(own.reshape(-1, own.shape[-1]))
+            else:
+                queries = np.ascontiguousarray(q[: args.tokens - args.test, head])
             tests = np.ascontiguousarray(q[args.tokens - args.test :, head])
             case = f"L{layer}H{head}"
             print(f"{case}: {len(keys)} keys, {len(queries)} sample queries, {len(tests)} tests")
@@ -340,7 +357,8 @@ def main() -> None:
         f"# Key-index recall on real attention\n\n{title.replace(chr(10), ' ')}.\n\n"
         f"Command: `.venv/bin/python benchmarks/index_recall.py "
         f"--tokens {args.tokens} --layers {' '.join(map(str, args.layers))} "
-        f"--heads {' '.join(map(str, args.heads))} --incremental {args.incremental}`\n\n"
+        f"--heads {' '.join(map(str, args.heads))} --incremental {args.incremental}"
+        f"{' --grouped' if args.grouped else ''}`\n\n"
         "Averaged over the cases (min recall = worst case). Keys scanned: vectors whose "
         "score was computed (IVF: keys in the probed lists, not counting its centroids; "
         "faiss-hnsw: its distance count, averaged over the batch; attention-aware: its "

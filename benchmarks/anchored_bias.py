@@ -7,9 +7,10 @@ perplexity of 20 passages (the opening 700 characters of 20 Python stdlib module
 docstrings) with and without the field.
 
 With --select it chooses the configuration instead, without looking at val: it
-calibrates a small grid of configurations on the first --max-questions train questions
-(one capture pass), evaluates each on the next --select-questions train questions (held
-out from the calibration) and keeps the one whose 'A' share is within 10 points of the
+calibrates a small grid of configurations (--grid-* flags, the fit's share temperature
+included) on the first --max-questions train questions (one capture pass), evaluates
+each on the next --select-questions train questions (held out from the calibration)
+and keeps the one whose 'A' share is within 10 points of the
 gold share with the highest accuracy, then the lowest RStd; that profile goes to --out.
 
     .venv/bin/python benchmarks/anchored_bias.py --select [--out DIR]
@@ -48,7 +49,14 @@ PASSAGE_MODULES = (
     "typing ast configparser copy hashlib io os pdb random shelve"
 ).split()
 PASSAGE_CHARS = 700
-CONFIG_FIELDS = ("max_questions", "num_neurons", "neuron_scale", "num_heads", "iterations")
+CONFIG_FIELDS = (
+    "max_questions",
+    "num_neurons",
+    "neuron_scale",
+    "num_heads",
+    "iterations",
+    "share_temperature",
+)
 MAX_A_SHARE_GAP = 0.10  # selection: the 'A' share must be this close to the gold share
 
 
@@ -86,7 +94,10 @@ def perplexity(engine: LLMEngine, texts: list[str], correction: str | None) -> f
 
 def _config_name(c: CalibrationConfig) -> str:
     neurons = f"{c.num_neurons}x{c.neuron_scale:g}" if c.num_neurons else "0"
-    return f"anchored: neurons {neurons}, heads {c.num_heads}, passes {c.iterations}"
+    return (
+        f"anchored: neurons {neurons}, heads {c.num_heads}, passes {c.iterations}, "
+        f"T {c.share_temperature:g}"
+    )
 
 
 def choose(reports: list[MCReport]) -> int:
@@ -115,9 +126,12 @@ def select(engine: LLMEngine, args: argparse.Namespace) -> None:
     held_items = [r for q in held for r in q.rotations()]
     base = CalibrationConfig(**{f: getattr(args, f) for f in CONFIG_FIELDS})
     grid = [
-        replace(base, num_neurons=neurons, num_heads=heads, iterations=passes)
+        replace(
+            base, num_neurons=neurons, num_heads=heads, iterations=passes, share_temperature=temp
+        )
         for neurons in args.grid_neurons
         for heads in args.grid_heads
+        for temp in args.grid_temperatures
         for passes in args.grid_iterations
     ]
     start = time.monotonic()
@@ -176,6 +190,10 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", default=str(DATA / "train.csv"))
@@ -189,6 +207,9 @@ def main() -> None:
     parser.add_argument("--grid-neurons", type=_int_list, default=[0, 10])
     parser.add_argument("--grid-heads", type=_int_list, default=[10, 20])
     parser.add_argument("--grid-iterations", type=_int_list, default=[3, 4])
+    parser.add_argument(
+        "--grid-temperatures", type=_float_list, default=[1.0], help="share_temperature values"
+    )
     parser.add_argument(
         "--select-json", default=str(ROOT / "benchmarks/results/anchored_bias_selection.json")
     )

@@ -47,6 +47,9 @@ class CalibrationConfig:
     num_heads: int = 10
     iterations: int = 4  # correction passes over the calibration prompts
     max_logit_step: float = 1.0  # per pass, on the linearised letter logits
+    # The fit drives the mean of softmax(letter logits / T) to 1/K per letter; with T well
+    # below 1 those sharpened probabilities approach the shares of argmax predictions.
+    share_temperature: float = 1.0
     prior_questions: int = 32
     batch_tokens: int = 4096
 
@@ -328,6 +331,9 @@ def calibrate_grid(
             raise ValueError(f"every config of a calibration grid must have the same {f}")
     if engine.model_config.architecture != "llama":
         raise ValueError("bias calibration supports Llama-family models")
+    for c in configs:
+        if not c.share_temperature > 0:
+            raise ValueError(f"share_temperature must be positive, got {c.share_temperature}")
     limit = max_questions if max_questions is not None else configs[0].max_questions
     prep = _prepare(engine, _unique_questions(questions)[:limit], configs[0], progress)
     groups: dict[tuple, list[int]] = {}
@@ -423,15 +429,19 @@ def _fit(
         finally:
             engine.bias.unregister(_PROBE_PROFILE)
 
-    history, snapshots = [], []
+    temp = config.share_temperature
+    history, sharpened, snapshots = [], [], []
     rounds = tqdm(range(config.iterations + 1), disable=not progress, desc="correct")
     gain, prev = 1.0, None
     for i in rounds:
         logits = measure(theta)
-        probs = torch.softmax(logits.double(), dim=1)
-        residual = (probs.mean(0) - 1.0 / k).float()  # the letters' mean probabilities
-        history.append([round(float(x), 4) for x in probs.mean(0)])
-        snapshots.append((theta.clone(), logits, list(history), time.monotonic() - start))
+        probs = torch.softmax(logits.double() / temp, dim=1)
+        residual = (probs.mean(0) - 1.0 / k).float()  # the letters' mean (sharpened) probs
+        history.append([round(float(x), 4) for x in torch.softmax(logits.double(), 1).mean(0)])
+        sharpened.append([round(float(x), 4) for x in probs.mean(0)])
+        snapshots.append(
+            (theta.clone(), logits, list(history), list(sharpened), time.monotonic() - start)
+        )
         if not heads or i == config.iterations:
             break
         if prev is not None:
@@ -440,8 +450,9 @@ def _fit(
             actual = residual - prev_residual
             gain = float(actual @ predicted / (predicted @ predicted).clamp(min=1e-12))
             gain = min(max(gain, 0.2), 2.0)
-        # mean softmax Jacobian at the current point times the linearised logit map
-        soft = (torch.diag_embed(probs) - probs.unsqueeze(2) * probs.unsqueeze(1)).mean(0)
+        # mean softmax Jacobian (d probs / d logits) at the current point times the
+        # linearised logit map
+        soft = (torch.diag_embed(probs) - probs.unsqueeze(2) * probs.unsqueeze(1)).mean(0) / temp
         jac_p = soft.float() @ jac
         step = -(torch.linalg.pinv(jac_p) @ residual) / gain
         # trust region: no letter logit may move by more than max_logit_step per pass
@@ -464,7 +475,7 @@ def _fit(
         ],
     }
     profiles = []
-    for theta, logits, history, fit_s in snapshots:
+    for theta, logits, history, sharp, fit_s in snapshots:
         calibration = {
             "questions": prep.questions,
             "prompts": len(prompts),
@@ -473,6 +484,7 @@ def _fit(
             "before": before,
             "after": summarise(logits.argmax(1), prep.gold, k).as_dict(),
             "mean_letter_probs": history,
+            **({"mean_sharpened_letter_probs": sharp} if temp != 1.0 else {}),
             **found,
         }
         profiles.append(make(theta, calibration))

@@ -2,8 +2,9 @@
 
 A quantised checkpoint's weights are w = d * q + m per block of 32 inputs (q a small
 integer, d and m one float each). Dequantised to dense float32 they cost 4 bytes each;
-kept as blocks, 0.75 (4-bit values two per byte) or 1.25 (8-bit). Decode of one sequence reads every weight once per token and is
-bound by that traffic, so for a few rows `BlockWeight.matmul` computes
+kept as blocks, 0.75 (4-bit values two per byte) or 1.25 (8-bit). Decode of one
+sequence reads every weight once per token and is bound by that traffic, so for a few
+rows `BlockWeight.matmul` computes
 
     y = sum over blocks b of d_b * (q_b . x_b) + m_b * sum(x_b)
 

@@ -295,6 +295,36 @@ def test_calibration_grid_matches_calibrating_each_config_alone(tiny_model_dir):
         calibrate_grid(engine, items, [CalibrationConfig(prior_questions=2), CalibrationConfig()])
 
 
+def test_share_temperature_fits_the_sharpened_probabilities(tiny_model_dir):
+    """T != 1 fits softmax(logits / T) instead: other offsets, and the mean sharpened
+    probabilities approach 1/K; T = 1 is the default and records no sharpened history."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(tiny_model_dir)))
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "rock"]
+    items = [
+        MCItem(f"Which one is {words[i]}?", tuple(words[(i + j) % 10] for j in range(4)), 0)
+        for i in range(6)
+    ]
+    configs = [
+        CalibrationConfig(
+            num_neurons=0, num_heads=3, iterations=6, prior_questions=6, share_temperature=t
+        )
+        for t in (1.0, 0.25)
+    ]
+    plain, sharp = calibrate_grid(engine, items, configs)
+    assert CalibrationConfig().share_temperature == 1.0
+    assert "mean_sharpened_letter_probs" not in plain.calibration
+    assert plain.calibration["config"]["share_temperature"] == 1.0
+    assert sharp.calibration["config"]["share_temperature"] == 0.25
+    assert plain.heads == sharp.heads
+    assert not torch.allclose(plain.head_offsets, sharp.head_offsets)
+    history = sharp.calibration["mean_sharpened_letter_probs"]
+    assert len(history) == 7 and len(sharp.calibration["mean_letter_probs"]) == 7
+    error = [max(abs(p - 0.25) for p in h) for h in history]
+    assert error[-1] < 0.5 * error[0]
+    with pytest.raises(ValueError, match="share_temperature must be positive"):
+        calibrate(engine, items, CalibrationConfig(share_temperature=0.0))
+
+
 def _save(path, profile):
     save_profile(profile, path)
     return path

@@ -58,9 +58,10 @@ def load_model(
     except Exception as exc:  # truncated or mismatched files fail in many ways
         raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
     net.eval()
-    source = conversion_source(model_dir)
-    if block_weights and dtype == torch.float32 and device == "cpu" and source is not None:
-        _attach_blocks(net, source, state, model_dir)
+    if block_weights and dtype == torch.float32 and device == "cpu":
+        source = conversion_source(model_dir)
+        if source is not None:
+            _attach_blocks(net, source, state, model_dir)
     logger.info(
         "Loaded %s (%s, %d layers) from %s in %.1f s",
         model_dir.name,

@@ -213,10 +213,6 @@ class BlockWeight:
         w = w * d[:, :, None] + m[:, :, None]
         return torch.from_numpy(w.reshape(self.out_features, self.in_features))
 
-    def _kernel_range(self, kernel, *args) -> None:
-        """kernel over tiles [lo, hi) (the last two of args, as run_ranges passes them)."""
-        kernel(*args, self.packed)
-
     @property
     def nbytes(self) -> int:
         return self.q_tiles.nbytes + self.d_tiles.nbytes + self.m_tiles.nbytes
@@ -235,6 +231,6 @@ class BlockWeight:
             kernel(*args, 0, tiles, self.packed)
         else:
             cuts = [tiles * i // parts for i in range(parts + 1)]
-            run_ranges(self._kernel_range, cuts, kernel, *args)
+            run_ranges(kernel, cuts, *args, after=(self.packed,))
         out = torch.from_numpy(y)
         return out if y.shape[1] == self.out_features else out[:, : self.out_features].contiguous()

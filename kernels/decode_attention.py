@@ -201,11 +201,6 @@ def decode_attention(
         _decode_segments(*args, 0, units, itemsize, append)
         return out, lse
     # The kernel releases the GIL: other threads take the later units.
-    run_ranges(_decode_range, _split_points(rows, parts), *args, itemsize, append)
+    cuts = _split_points(rows, parts)
+    run_ranges(_decode_segments, cuts, *args, after=(itemsize, append))
     return out, lse
-
-
-def _decode_range(*args) -> None:
-    """_decode_segments with the (lo, hi) unit range last, as run_ranges passes it."""
-    *head, itemsize, append, lo, hi = args
-    _decode_segments(*head, lo, hi, itemsize, append)

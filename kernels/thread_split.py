@@ -24,9 +24,9 @@ def split_parts(units: int, min_units_per_part: int = 1) -> int:
     return max(1, min(torch.get_num_threads(), units // min_units_per_part))
 
 
-def run_ranges(kernel: Callable[..., None], cuts: Sequence[int], *args) -> None:
-    """Call kernel(*args, lo, hi) for consecutive [lo, hi) of `cuts`, the first on this
-    thread and the rest on pool threads, and wait for all of them."""
+def run_ranges(kernel: Callable[..., None], cuts: Sequence[int], *args, after: tuple = ()) -> None:
+    """Call kernel(*args, lo, hi, *after) for consecutive [lo, hi) of `cuts`, the first on
+    this thread and the rest on pool threads, and wait for all of them."""
     global _pool
     ranges = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if hi > lo]
     if not ranges:
@@ -34,7 +34,7 @@ def run_ranges(kernel: Callable[..., None], cuts: Sequence[int], *args) -> None:
     extra = len(ranges) - 1
     if extra and (_pool is None or _pool._max_workers < extra):
         _pool = ThreadPoolExecutor(extra, thread_name_prefix="kernel-split")
-    futures = [_pool.submit(kernel, *args, lo, hi) for lo, hi in ranges[1:]] if extra else []
-    kernel(*args, *ranges[0])
+    futures = [_pool.submit(kernel, *args, lo, hi, *after) for lo, hi in ranges[1:]]
+    kernel(*args, *ranges[0], *after)
     for future in futures:
         future.result()

@@ -251,11 +251,7 @@ def test_anchored_and_lofit_change_the_kv_key(loaded):
 
 def test_calibration_is_deterministic_and_reduces_the_letter_bias(tiny_model_dir, tmp_path):
     engine = LLMEngine.from_config(EngineConfig(model=str(tiny_model_dir)))
-    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "rock"]
-    items = [
-        MCItem(f"Which one is {words[i]}?", tuple(words[(i + j) % 10] for j in range(4)), 0)
-        for i in range(6)
-    ]
+    items = _word_items(6)
     config = CalibrationConfig(num_neurons=4, num_heads=3, iterations=6, prior_questions=6)
     a = calibrate(engine, items, config)
     b = calibrate(engine, items, config)
@@ -271,13 +267,18 @@ def test_calibration_is_deterministic_and_reduces_the_letter_bias(tiny_model_dir
         engine.load_bias_profile("x", str(_save(tmp_path / "q", _synthetic_profile())))
 
 
+def _word_items(count: int) -> list[MCItem]:
+    """`count` four-option questions over ten words, gold always the first option."""
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "rock"]
+    return [
+        MCItem(f"Which one is {words[i]}?", tuple(words[(i + j) % 10] for j in range(4)), 0)
+        for i in range(count)
+    ]
+
+
 def test_calibration_grid_matches_calibrating_each_config_alone(tiny_model_dir):
     engine = LLMEngine.from_config(EngineConfig(model=str(tiny_model_dir)))
-    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "rock"]
-    items = [
-        MCItem(f"Which one is {words[i]}?", tuple(words[(i + j) % 10] for j in range(4)), 0)
-        for i in range(4)
-    ]
+    items = _word_items(4)
     configs = [
         CalibrationConfig(num_neurons=n, num_heads=2, iterations=it, prior_questions=4)
         for n in (0, 3)
@@ -299,11 +300,7 @@ def test_share_temperature_fits_the_sharpened_probabilities(tiny_model_dir):
     """T != 1 fits softmax(logits / T) instead: other offsets, and the mean sharpened
     probabilities approach 1/K; T = 1 is the default and records no sharpened history."""
     engine = LLMEngine.from_config(EngineConfig(model=str(tiny_model_dir)))
-    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "rock"]
-    items = [
-        MCItem(f"Which one is {words[i]}?", tuple(words[(i + j) % 10] for j in range(4)), 0)
-        for i in range(6)
-    ]
+    items = _word_items(6)
     configs = [
         CalibrationConfig(
             num_neurons=0, num_heads=3, iterations=6, prior_questions=6, share_temperature=t

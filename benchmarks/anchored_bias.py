@@ -13,8 +13,14 @@ each on the next --select-questions train questions (held out from the calibrati
 and keeps the one whose 'A' share is within 10 points of the
 gold share with the highest accuracy, then the lowest RStd; that profile goes to --out.
 
+With --eval-split train the three rows are scored on the train questions from --eval-from
+(usable-question index, as in the calibration and selection slices; --eval-questions
+limits the count) instead of val; a slice overlapping the calibration and selection
+questions 0..(--max-questions + --select-questions - 1) is refused.
+
     .venv/bin/python benchmarks/anchored_bias.py --select [--out DIR]
     .venv/bin/python benchmarks/anchored_bias.py [--profile DIR] [--out DIR]
+    .venv/bin/python benchmarks/anchored_bias.py --profile DIR --eval-split train --eval-from 118
 """
 
 from __future__ import annotations
@@ -186,6 +192,31 @@ def select(engine: LLMEngine, args: argparse.Namespace) -> None:
     print(f"wrote {args.select_json}")
 
 
+def train_holdout(args: argparse.Namespace) -> tuple[list, int, int]:
+    """The rotated prompts of train questions [--eval-from, --eval-from + --eval-questions)
+    and the slice's first and last usable-question index; SystemExit if the slice overlaps
+    the calibration and selection questions [0, max_questions + select_questions) or is
+    empty."""
+    reserved = args.max_questions + args.select_questions
+    start = reserved if args.eval_from is None else args.eval_from
+    if start < reserved:
+        raise SystemExit(
+            f"--eval-from {start} overlaps train questions 0..{reserved - 1}, used for "
+            f"calibration (0..{args.max_questions - 1}) and selection "
+            f"({args.max_questions}..{reserved - 1}); use --eval-from {reserved} or more"
+        )
+    train = read_truthfulqa_csv(args.train, rotate=False)
+    stop = len(train) if args.eval_questions is None else start + args.eval_questions
+    held = train[start:stop]
+    if not held or len(held) < stop - start:
+        raise SystemExit(
+            f"{args.train} has {len(train)} usable questions; "
+            f"{start}..{max(stop, start + 1) - 1} requested"
+        )
+    assert not {q.question for q in train[:reserved]} & {q.question for q in held}
+    return [r for q in held for r in q.rotations()], start, start + len(held) - 1
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -204,6 +235,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--select", action="store_true", help="choose the config on train")
     parser.add_argument("--select-questions", type=int, default=70)
+    parser.add_argument(
+        "--eval-split", choices=("val", "train"), default="val", help="where the rows are scored"
+    )
+    parser.add_argument(
+        "--eval-from",
+        type=int,
+        default=None,
+        help="with --eval-split train: first usable train question (default: first after "
+        "the calibration and selection slices)",
+    )
+    parser.add_argument(
+        "--eval-questions", type=int, default=None, help="with --eval-split train: how many"
+    )
     parser.add_argument("--grid-neurons", type=_int_list, default=[0, 10])
     parser.add_argument("--grid-heads", type=_int_list, default=[10, 20])
     parser.add_argument("--grid-iterations", type=_int_list, default=[3, 4])
@@ -220,6 +264,12 @@ def main() -> None:
             flag, type=type(getattr(defaults, name)), default=getattr(defaults, name)
         )
     args = parser.parse_args()
+    if args.eval_split == "train":
+        if args.select:
+            parser.error("--eval-split train scores a fixed profile; it does not go with --select")
+        eval_items, eval_first, eval_last = train_holdout(args)  # refuses before loading
+    elif args.eval_from is not None or args.eval_questions is not None:
+        parser.error("--eval-from / --eval-questions need --eval-split train")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -244,8 +294,19 @@ def main() -> None:
             f"({profile.calibration['prompts']} prompts) in {calibration_s:.0f} s -> {args.out}"
         )
     engine.load_bias_profile("default", profile_dir)
+    calibrated = engine.bias.profiles["default"].calibration.get("questions") or 0
+    if args.eval_split == "train" and calibrated > eval_first:
+        raise SystemExit(f"the profile was calibrated on train questions 0..{calibrated - 1}")
 
-    val = read_truthfulqa_csv(args.val)
+    if args.eval_split == "train":
+        val = eval_items
+        title = (
+            f"TruthfulQA train questions {eval_first}..{eval_last} (held out, never used "
+            f"before): {len(val) // 4} questions x 4 rotations, default model, fp32 CPU"
+        )
+    else:
+        val = read_truthfulqa_csv(args.val)
+        title = f"TruthfulQA val: {len(val) // 4} questions x 4 rotations, default model, fp32 CPU"
     rows = []
     for correction in ("none", "prior", "anchored"):
         start = time.monotonic()
@@ -258,7 +319,7 @@ def main() -> None:
     }
 
     print()
-    print(f"TruthfulQA val: {len(val) // 4} questions x 4 rotations, default model, fp32 CPU")
+    print(title)
     print(format_table([(name, r) for name, r, _ in rows]))
     print()
     print("| correction | perplexity (20 stdlib docstring passages) | ratio to none |")
@@ -276,7 +337,14 @@ def main() -> None:
             k: engine.bias.profiles["default"].calibration.get(k)
             for k in ("data", "questions", "prompts", "config")
         },
-        "val": {name: {**r.as_dict(), "seconds": round(s, 1)} for name, r, s in rows},
+        **(
+            {"eval": {"data": "truthfulqa/train.csv", "questions": [eval_first, eval_last]}}
+            if args.eval_split == "train"
+            else {}
+        ),
+        ("val" if args.eval_split == "val" else "train_holdout"): {
+            name: {**r.as_dict(), "seconds": round(s, 1)} for name, r, s in rows
+        },
         "perplexity": {"passages": PASSAGE_MODULES, "chars": PASSAGE_CHARS, **ppl},
     }
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

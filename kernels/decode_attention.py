@@ -44,20 +44,44 @@ _u16_at = _pointer_intrinsic(types.uint16)
 
 
 @njit(inline="always", fastmath=True)
-def _softmax_rows(scores, n, maxes):
+def _exp_nonpositive(x, n, bits):
+    """x[:n] = exp(x[:n]) for x[:n] <= 0, as 2^k * p(r) with k = round(x / ln 2): plain
+    arithmetic the compiler vectorises (a libm exp call per score is not). Relative error
+    below 5e-7; scores under -87 count as -87 (exp 1.6e-38 against the maximum's 1)."""
+    scale2 = bits.view(np.float32)
+    for j in range(n):
+        v = max(x[j], np.float32(-87.0))
+        k = np.floor(v * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = v - k * np.float32(0.693145751953125) - k * np.float32(1.428606765330187e-06)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        x[j] = p * r * r + r + np.float32(1.0)
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    for j in range(n):
+        x[j] *= scale2[j]
+
+
+@njit(inline="always", fastmath=True)
+def _softmax_rows(scores, n, maxes, bits):
     """In place: each row of scores[:, :n] becomes exp(s - max); returns the row sums and
-    writes the row maxima to `maxes`."""
+    writes the row maxima to `maxes`. `bits` is int32 scratch of at least n."""
     group = scores.shape[0]
     den = np.empty(group, dtype=np.float32)
     for g in range(group):
-        m = scores[g, 0]
+        row = scores[g]
+        m = row[0]
         for j in range(1, n):
-            m = max(m, scores[g, j])
+            m = max(m, row[j])
+        for j in range(n):
+            row[j] -= m
+        _exp_nonpositive(row, n, bits)
         total = np.float32(0.0)
         for j in range(n):
-            p = np.exp(scores[g, j] - m)
-            scores[g, j] = p
-            total += p
+            total += row[j]
         den[g] = total
         maxes[g] = m
     return den
@@ -97,6 +121,11 @@ def _decode_segments(
     group = hq // hkv
     bits = np.empty(d, dtype=np.uint32)
     maxes = np.empty(group, dtype=np.float32)
+    cap = 0
+    scores = np.empty((group, 0), dtype=np.float32)
+    exp_bits = np.empty(0, dtype=np.int32)
+    acc_out = np.empty((group, d), dtype=np.float32)
+    qs = np.empty((group, d), dtype=np.float32)
     for unit in range(lo, hi):
         b, h = unit // hkv, unit % hkv
         first, last = seg_start[b], seg_start[b + 1] - 1
@@ -107,29 +136,59 @@ def _decode_segments(
             row = seg_len[last] - 1
             _append_row(seg_k[last], seg_stride[last], row, h, k_new[b, h], itemsize)
             _append_row(seg_v[last], seg_stride[last], row, h, v_new[b, h], itemsize)
-        qg = q[b, h * group : (h + 1) * group]
-        scores = np.empty((group, n), dtype=np.float32)
+        if n > cap:
+            cap = max(n, 2 * cap)
+            scores = np.empty((group, cap), dtype=np.float32)
+            exp_bits = np.empty(cap, dtype=np.int32)
+        for g in range(group):
+            for i in range(d):
+                qs[g, i] = q[b, h * group + g, i] * scale
         j = 0
         for s in range(first, last + 1):
-            for r in range(seg_len[s]):
-                key = _load_row(seg_k[s], seg_stride[s], r, h, d, itemsize, bits)
-                for g in range(group):
-                    acc = np.float32(0.0)
-                    for i in range(d):
-                        acc += qg[g, i] * key[i]
-                    scores[g, j] = acc * scale
-                j += 1
-        den = _softmax_rows(scores, n, maxes)
-        acc_out = np.zeros((group, d), dtype=np.float32)
+            ns = seg_len[s]
+            if itemsize == 4:
+                keys = carray(_f32_at(seg_k[s] + 4 * h * seg_stride[s]), (ns, d))
+                for r in range(ns):
+                    key = keys[r]
+                    for g in range(group):
+                        acc = np.float32(0.0)
+                        qg = qs[g]
+                        for i in range(d):
+                            acc += qg[i] * key[i]
+                        scores[g, j + r] = acc
+            else:
+                for r in range(ns):
+                    key = _load_row(seg_k[s], seg_stride[s], r, h, d, itemsize, bits)
+                    for g in range(group):
+                        acc = np.float32(0.0)
+                        qg = qs[g]
+                        for i in range(d):
+                            acc += qg[i] * key[i]
+                        scores[g, j + r] = acc
+            j += ns
+        den = _softmax_rows(scores, n, maxes, exp_bits)
+        acc_out[:] = 0.0
         j = 0
         for s in range(first, last + 1):
-            for r in range(seg_len[s]):
-                value = _load_row(seg_v[s], seg_stride[s], r, h, d, itemsize, bits)
-                for g in range(group):
-                    p = scores[g, j]
-                    for i in range(d):
-                        acc_out[g, i] += p * value[i]
-                j += 1
+            ns = seg_len[s]
+            if itemsize == 4:
+                values = carray(_f32_at(seg_v[s] + 4 * h * seg_stride[s]), (ns, d))
+                for r in range(ns):
+                    value = values[r]
+                    for g in range(group):
+                        p = scores[g, j + r]
+                        ag = acc_out[g]
+                        for i in range(d):
+                            ag[i] += p * value[i]
+            else:
+                for r in range(ns):
+                    value = _load_row(seg_v[s], seg_stride[s], r, h, d, itemsize, bits)
+                    for g in range(group):
+                        p = scores[g, j + r]
+                        ag = acc_out[g]
+                        for i in range(d):
+                            ag[i] += p * value[i]
+            j += ns
         for g in range(group):
             lse[b, h * group + g] = maxes[g] + np.log(den[g])
             for i in range(d):

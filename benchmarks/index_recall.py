@@ -182,26 +182,43 @@ def bench_case(keys, queries, tests, args, rows, case):
             kind, keys, queries, args.sinks, args.window, n_sample, n_added
         )
         label = f"{kind} +add" if n_added else kind
-        for value in values:
-            if knob:
-                index.configure(**{knob: value})
-            index.search(tests[:1], args.k)  # warm-up (first-call compilation)
-            latency_ms = float("inf")
-            for _ in range(3):  # best of 3: the machine is shared and noisy
-                t0 = time.perf_counter()
-                results = [index.search(tests[i : i + 1], args.k) for i in range(len(tests))]
-                latency_ms = min(latency_ms, (time.perf_counter() - t0) / len(tests) * 1e3)
-            ids = np.concatenate([r.ids for r in results])
-            scanned = np.concatenate([r.scanned for r in results])
-            rows.append(
-                dict(
-                    case=case, kind=label, knob=knob or "-", value=value if knob else "-",
-                    recall=recall(ids, truth),
-                    scanned=float(scanned.mean()) / len(keys) if scanned.min() >= 0 else None,
-                    build_s=build_s, add_us=add_us, latency_ms=latency_ms,
-                    mbytes=index.nbytes / 2**20,
-                )
-            )  # fmt: skip
+        # indexes that take seeds are also swept as the engine searches them: each test
+        # query (in decode order) seeded with the previous one's result
+        for seeded in (False, True) if index.uses_seeds else (False,):
+            sweep(index, tests, truth, args, rows, case, label + (" +seeds" if seeded else ""),
+                  knob, values, seeded, build_s, add_us)  # fmt: skip
+
+
+def sweep(index, tests, truth, args, rows, case, label, knob, values, seeded, build_s, add_us):
+    """Recall, keys scanned and latency of `index` at each effort value; appends rows."""
+
+    def search_all() -> list:
+        results, previous = [], None
+        for i in range(len(tests)):
+            results.append(index.search(tests[i : i + 1], args.k, previous))
+            previous = results[-1].ids if seeded else None
+        return results
+
+    for value in values:
+        if knob:
+            index.configure(**{knob: value})
+        index.search(tests[:1], args.k)  # warm-up (first-call compilation)
+        latency_ms = float("inf")
+        for _ in range(3):  # best of 3: the machine is shared and noisy
+            t0 = time.perf_counter()
+            results = search_all()
+            latency_ms = min(latency_ms, (time.perf_counter() - t0) / len(tests) * 1e3)
+        ids = np.concatenate([r.ids for r in results])
+        scanned = np.concatenate([r.scanned for r in results])
+        rows.append(
+            dict(
+                case=case, kind=label, knob=knob or "-", value=value if knob else "-",
+                recall=recall(ids, truth),
+                scanned=float(scanned.mean()) / index.size if scanned.min() >= 0 else None,
+                build_s=build_s, add_us=add_us, latency_ms=latency_ms,
+                mbytes=index.nbytes / 2**20,
+            )
+        )  # fmt: skip
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -258,7 +275,7 @@ def plot(summary: list[dict], k: int, path: Path, title: str) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     plotted = [kind for kind in SWEEPS if kind != "hnswlib"]  # hnswlib: no distance count
     for color, kind in zip(colors, plotted, strict=False):
-        for label, style in ((kind, "-"), (f"{kind} +add", "--")):
+        for label, style in ((kind, "-"), (f"{kind} +add", "--"), (f"{kind} +seeds", ":")):
             pts = [s for s in summary if s["kind"] == label and s["scanned"] is not None]
             if not pts:
                 continue

@@ -11,7 +11,9 @@ layers at once, on a thread pool, with a progress bar for long contexts). Afterw
 keys leaving the window are added incrementally in blocks of `add_block`, together with
 the decode queries seen since the last add; until a block is full its keys are scored
 exactly (a few dozen dot products) and merged with the index's answer, so no key is
-ever unsearchable.
+ever unsearchable. Each query head's search starts from its previous step's result
+(indexes that take seeds: the attention-aware one), which about half of its next top
+keys share.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class IndexRetriever(HostRetriever):
         self.indexes: list[list[KeyIndex] | None] = [None] * layers
         self.indexed = [0] * layers  # host rows [0, indexed) are in the layer's indexes
         self.recent_queries: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        # each query head's index result at the layer's last search: the next one's seeds
+        self.previous_ids: list[np.ndarray | None] = [None] * layers
         self.build_seconds = 0.0
 
     # -- building -----------------------------------------------------------------------
@@ -131,12 +135,16 @@ class IndexRetriever(HostRetriever):
         width = min(k, n_indexed)
         ids = np.full((hq, width), -1, dtype=np.int64)
         scores = np.full((hq, width), -np.inf, dtype=np.float32)
+        previous = self.previous_ids[layer]
         for h, index in enumerate(indexes):
             if width:
                 heads = slice(h * group, (h + 1) * group)
-                result = index.search(q_np[heads], width)
+                seeds = None if previous is None else previous[heads]
+                result = index.search(q_np[heads], width, seeds)
                 ids[heads], scores[heads] = result.ids, result.scores
                 self.scanned += int(np.maximum(result.scanned, 0).sum())
+        if width:
+            self.previous_ids[layer] = ids.copy()
         if n_host > n_indexed:  # the not-yet-indexed block, scored exactly
             pending = self.cache.host_keys(layer)[:, n_indexed:n_host].float().cpu().numpy()
             group = hq // pending.shape[0]
@@ -160,6 +168,7 @@ class IndexRetriever(HostRetriever):
         self.indexes = [None] * len(self.indexes)
         self.indexed = [0] * len(self.indexed)
         self.recent_queries = [[] for _ in self.recent_queries]
+        self.previous_ids = [None] * len(self.previous_ids)
         self.cache = None
 
 

@@ -32,6 +32,11 @@ vectors were scored; half of that budget goes to the seeds. `add(keys, queries)`
 routes the decode queries the same way and votes their searched top keys into their
 cluster's list (older votes decay by `list_decay` per query), so lists follow decode.
 
+`search(..., seeds=...)` scores the given ids first (up to half the budget; route seeds
+fill what is left of that half): a decode step seeded with the same head's previous
+result finds more of its top keys at the same budget (8K real text, grouped, scan 5.4%:
+recall@100 0.80 vs 0.72).
+
 `scanned` counts every vector scored for the query: centroids, seeds and expanded
 keys. Vectors are read from a `KeyStore`, shareable by the indexes of one GQA group.
 Every key stays reachable from the entry points (a spanning tree's edges are never
@@ -122,6 +127,7 @@ class AttentionAwareIndex(StoreBackedIndex):
 
     kind = "attention-aware"
     tunables = ("ef", "scan_factor")
+    uses_seeds = True
     ef = PositiveInt()
     scan_factor = PositiveInt()
 
@@ -341,12 +347,14 @@ class AttentionAwareIndex(StoreBackedIndex):
         )
         self._parent = np.concatenate([self._parent, np.full(new_cap - cap, -1, dtype=np.int64)])
 
-    def _search(self, queries: np.ndarray, k: int) -> SearchResult:
+    def _search(self, queries: np.ndarray, k: int, seeds: np.ndarray | None = None) -> SearchResult:
         ef = max(self._ef, k)
+        if seeds is None:
+            seeds = np.empty((len(queries), 0), dtype=np.int64)
         ids, scores, scanned = batch_search(
             readonly(queries), self.keys(), self._adj, self._pdeg, self._sdeg, self.degree,
             self._entries, readonly(self._centroids), self._lists, self._list_len, ef,
-            self._scan_factor * ef, k,
+            self._scan_factor * ef, k, seeds,
         )  # fmt: skip
         return SearchResult(ids=ids, scores=scores, scanned=scanned)
 

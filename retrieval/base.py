@@ -58,6 +58,7 @@ class KeyIndex(ABC):
     kind: ClassVar[str] = ""
     # Search-effort parameters settable through `configure` (e.g. "nprobe", "ef").
     tunables: ClassVar[tuple[str, ...]] = ()
+    uses_seeds: ClassVar[bool] = False  # whether search() starts from given seed ids
 
     def __init__(self, dim: int) -> None:
         if not isinstance(dim, int) or dim <= 0:
@@ -95,15 +96,27 @@ class KeyIndex(ABC):
     def nbytes(self) -> int:
         """Approximate memory held, excluding a KeyStore shared with other indexes."""
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Top-k keys by inner product for each query [B, D]."""
+    def search(self, queries: np.ndarray, k: int, seeds: np.ndarray | None = None) -> SearchResult:
+        """Top-k keys by inner product for each query [B, D].
+
+        `seeds` [B, S]: optional key ids per query where its search may start (-1 pads),
+        e.g. the same head's result at the previous decode step, whose top keys overlap
+        the next step's by about half. A hint: only indexes with `uses_seeds` read it.
+        """
         queries = as_key_matrix(queries, self.dim, "queries")
         if not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         k = int(k)
         if self.size == 0 or queries.shape[0] == 0:
             return empty_result(queries.shape[0], k)
-        return self._search(queries, k)
+        if seeds is None or not self.uses_seeds:
+            return self._search(queries, k)
+        seeds = np.ascontiguousarray(seeds, dtype=np.int64)
+        if seeds.ndim != 2 or seeds.shape[0] != queries.shape[0]:
+            raise ValueError(f"seeds must be [{queries.shape[0]}, S], got {seeds.shape}")
+        if seeds.size and (seeds.min() < -1 or seeds.max() >= self.size):
+            raise ValueError(f"seed ids must be -1 or in [0, {self.size})")
+        return self._search(queries, k, seeds)
 
     def configure(self, **params: int) -> None:
         """Set search-effort parameters, e.g. `configure(ef=200)` or `configure(nprobe=16)`."""

@@ -163,13 +163,15 @@ def beam_search(q, keys, adj, pdeg, sdeg, wp, entries, ef, visited, stamp, pid, 
 
 @njit(**_JIT)
 def batch_search(queries, keys, adj, pdeg, sdeg, wp, entries, centroids, lists, list_len, ef,
-                 budget, k):  # fmt: skip
+                 budget, k, seeds):  # fmt: skip
     """Routed, budgeted beam search for each query; returns ids [B, k] (-1 padded),
     scores, scanned [B].
 
-    With routes (centroids [C, D] non-empty), a query scores the C centroids, takes the
-    best one's key list lists[c, :list_len[c]] (its first budget // 2 keys) as seeds
-    besides the entries, then expands best-first. At most `budget` vectors are scored
+    The query's given seeds[b] (ids up to the first -1, at most budget // 2 of them) are
+    scored first, e.g. its previous decode step's result. With routes (centroids [C, D]
+    non-empty), a query scores the C centroids, takes the best one's key list
+    lists[c, :list_len[c]] (what is left of budget // 2) as seeds besides the entries,
+    then expands best-first. At most `budget` vectors are scored
     per query, centroids included (every one counts in `scanned`).
     """
     batch = queries.shape[0]
@@ -184,6 +186,11 @@ def batch_search(queries, keys, adj, pdeg, sdeg, wp, entries, centroids, lists, 
     for b in range(batch):
         q = queries[b]
         size, cnt = np.int64(0), np.int64(0)
+        n_given = 0
+        while n_given < seeds.shape[1] and seeds[b, n_given] >= 0:
+            n_given += 1
+        size, cnt = _seed(q, keys, seeds[b], min(n_given, budget // 2), ef, visited, b + 1, pid,
+                          psc, pexp, size, cnt)  # fmt: skip
         if n_routes > 0:
             best, best_s = 0, -np.inf
             for c in range(n_routes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,33 @@ def test_batched_searches_on_threads_equal_serial_ones(monkeypatch):
     for serial, threaded in zip(*results, strict=True):
         for a, b in zip(serial, threaded, strict=True):
             assert torch.equal(a, b)
+
+
+def test_each_search_is_seeded_with_the_previous_result(monkeypatch):
+    """A query head's search starts from its result at the layer's previous decode step."""
+    from retrieval.attention_aware import AttentionAwareIndex
+
+    seen = []
+    search = AttentionAwareIndex.search
+
+    def recording(self, queries, k, seeds=None):
+        result = search(self, queries, k, seeds)
+        seen.append((None if seeds is None else seeds.copy(), result.ids.copy()))
+        return result
+
+    monkeypatch.setattr(AttentionAwareIndex, "search", recording)
+    chunks, decodes = _data(1024, 3)
+    tiered = TieredAttentionBackend(
+        SHAPE,
+        "retrieval",
+        sink_tokens=16,
+        window_tokens=64,
+        top_k=32,
+        retriever_factory=retriever_factory("attention-aware"),
+    )
+    _run(tiered, chunks, decodes)
+    per_step = SHAPE.num_layers * SHAPE.num_kv_heads  # searches per decode step
+    assert len(seen) == 3 * per_step
+    assert all(seeds is None for seeds, _ in seen[:per_step])
+    for (seeds, _), (_, before) in zip(seen[per_step:], seen[:-per_step], strict=True):
+        np.testing.assert_array_equal(seeds, before)

@@ -259,3 +259,32 @@ def test_attention_aware_add_with_recent_queries():
     res = index.search(tests, 10)
     assert recall(res.ids, truth) >= 0.9
     assert res.scanned.mean() < 0.3 * len(keys)
+
+
+def test_attention_aware_search_starts_from_seeds():
+    """Seeded with the true top keys, a search on a tight budget returns all of them (the
+    unseeded one at the same budget does not); seeds count as scanned, -1 pads, and bad
+    seeds are refused."""
+    keys, sample, queries = ood_data(n=4000, m=1000, t=50, seed=3)
+    truth, _ = exact_topk(keys, queries, 20)
+    index = create_index("attention-aware", DIM, ef=20, scan_factor=2)  # budget 40
+    index.build(keys, sample)
+    cold = index.search(queries, 20)
+    padded = np.concatenate([truth, np.full((len(queries), 5), -1)], axis=1)
+    warm = index.search(queries, 20, seeds=padded)
+    assert recall(cold.ids, truth) < 0.95
+    assert recall(warm.ids, truth) == 1.0
+    assert (warm.scanned <= 40).all() and (warm.scanned >= 20).all()
+    for bad in (truth[:3], truth[:, :, None], np.full_like(truth, len(keys)), truth * 0 - 2):
+        with pytest.raises(ValueError, match="seed"):
+            index.search(queries, 20, seeds=bad)
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss-hnsw", "hnswlib"])
+def test_indexes_without_seed_support_ignore_seeds(kind, small):
+    keys, sample, queries = small
+    index = build(kind, keys, sample)
+    seeds = np.zeros((len(queries), 3), dtype=np.int64)
+    plain, seeded = index.search(queries, 10), index.search(queries, 10, seeds=seeds)
+    assert not index.uses_seeds
+    np.testing.assert_array_equal(plain.ids, seeded.ids)

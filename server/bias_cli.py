@@ -20,6 +20,24 @@ def add_bias_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--num-options", type=int, default=4, help="options per TruthfulQA item")
     cal.add_argument("--seed", type=int, default=0, help="TruthfulQA option shuffle seed")
     cal.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    defaults = _calibration_defaults()
+    cal.add_argument("--neurons", type=int, default=defaults.num_neurons, help="MLP neurons")
+    cal.add_argument("--heads", type=int, default=defaults.num_heads, help="attention heads")
+    cal.add_argument(
+        "--iterations", type=int, default=defaults.iterations, help="correction passes"
+    )
+    cal.add_argument(
+        "--share-temperature",
+        type=float,
+        default=defaults.share_temperature,
+        help="T of the fit's softmax(letter logits / T); below 1 it targets prediction shares",
+    )
+    cal.add_argument(
+        "--prior-questions",
+        type=int,
+        default=defaults.prior_questions,
+        help="questions for the PriDe prior (the first N of the calibration set)",
+    )
 
     ev = sub.add_parser("eval", help="evaluate the model on a task")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -34,12 +52,40 @@ def add_bias_parsers(sub: argparse._SubParsersAction) -> None:
     mcq.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _calibration_defaults():
+    from engine.bias_calibrate import CalibrationConfig
+
+    return CalibrationConfig()
+
+
+def _calibration_config(args: argparse.Namespace):
+    """The CalibrationConfig the calibrate flags ask for; ValueError naming a bad flag."""
+    from engine.bias_calibrate import CalibrationConfig
+
+    for name in ("neurons", "heads", "prior_questions"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.iterations < 1:
+        raise ValueError("--iterations must be >= 1")
+    if not args.share_temperature > 0:
+        raise ValueError("--share-temperature must be > 0")
+    return CalibrationConfig(
+        num_neurons=args.neurons,
+        num_heads=args.heads,
+        iterations=args.iterations,
+        share_temperature=args.share_temperature,
+        prior_questions=args.prior_questions,
+    )
+
+
 def run_bias(args: argparse.Namespace) -> int:
     import torch
 
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.mc_data import read_items
 
+    if args.command == "bias":
+        _calibration_config(args)  # bad flags fail before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = LLMEngine.from_config(EngineConfig(model=args.model))
@@ -54,7 +100,8 @@ def _calibrate(args, engine, items) -> int:
     from engine.bias_profile import save_profile
 
     start = time.monotonic()
-    profile = calibrate(engine, items, max_questions=args.max_questions, progress=True)
+    config = _calibration_config(args)
+    profile = calibrate(engine, items, config, max_questions=args.max_questions, progress=True)
     profile.calibration["data"] = str(args.data)
     save_profile(profile, args.out)
     cal = profile.calibration

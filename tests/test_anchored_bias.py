@@ -427,9 +427,17 @@ def test_cli_calibrate_then_eval(tiny_model_dir, tmp_path, capsys):
     )
     out = tmp_path / "profile"
     model = ["--model", str(tiny_model_dir)]
-    assert main(["bias", "calibrate", "--data", str(data), "--out", str(out), *model]) == 0
+    calibrate_args = ["bias", "calibrate", "--data", str(data), "--out", str(out), *model]
+    config = ["--heads", "3", "--neurons", "2", "--iterations", "2", "--share-temperature", "0.5"]
+    assert main([*calibrate_args, *config]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert load_profile(out).calibration["questions"] == 6
+    profile = load_profile(out)
+    assert profile.calibration["questions"] == 6
+    assert len(profile.heads) <= 3 and len(profile.neurons) <= 2
+    recorded = profile.calibration["config"]
+    assert recorded["share_temperature"] == 0.5 and recorded["iterations"] == 2
+    assert main([*calibrate_args, "--share-temperature", "0"]) == 1
+    assert "--share-temperature must be > 0" in capsys.readouterr().err
     args = ["eval", "mcq", "--data", str(data), "--correction", "prior", "--profile", str(out)]
     assert main([*args, *model, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

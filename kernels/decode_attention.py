@@ -98,14 +98,16 @@ def _append_row(address, stride, row, h, new, itemsize):
 
 
 @njit(inline="always", fastmath=True)
-def _load_row(address, stride, row, h, d, itemsize, bits):
-    """Row `row` of head h as float32 (bfloat16 rows are widened into `bits`)."""
+def _segment_rows(address, stride, h, rows, d, itemsize, wide):
+    """Rows [0, rows) of head h of the segment buffer at `address` as float32 [rows, d]:
+    a view for float32, for bfloat16 widened into `wide` (float32 scratch of >= rows * d)."""
     if itemsize == 4:
-        return carray(_f32_at(address + 4 * (h * stride + row * d)), (d,))
-    src = carray(_u16_at(address + 2 * (h * stride + row * d)), (d,))
-    for i in range(d):
+        return carray(_f32_at(address + 4 * h * stride), (rows, d))
+    src = carray(_u16_at(address + 2 * h * stride), (rows * d,))
+    bits = wide.view(np.uint32)
+    for i in range(rows * d):
         bits[i] = np.uint32(src[i]) << 16
-    return bits.view(np.float32)
+    return carray(_f32_at(wide.ctypes.data), (rows, d))
 
 
 @njit(**_JIT)
@@ -119,8 +121,8 @@ def _decode_segments(
     hq, d = q.shape[1], q.shape[2]
     hkv = k_new.shape[1]
     group = hq // hkv
-    bits = np.empty(d, dtype=np.uint32)
     maxes = np.empty(group, dtype=np.float32)
+    wide = np.empty(0, dtype=np.float32)  # bfloat16 segments widened
     cap = 0
     scores = np.empty((group, 0), dtype=np.float32)
     exp_bits = np.empty(0, dtype=np.int32)
@@ -146,48 +148,31 @@ def _decode_segments(
         j = 0
         for s in range(first, last + 1):
             ns = seg_len[s]
-            if itemsize == 4:
-                keys = carray(_f32_at(seg_k[s] + 4 * h * seg_stride[s]), (ns, d))
-                for r in range(ns):
-                    key = keys[r]
-                    for g in range(group):
-                        acc = np.float32(0.0)
-                        qg = qs[g]
-                        for i in range(d):
-                            acc += qg[i] * key[i]
-                        scores[g, j + r] = acc
-            else:
-                for r in range(ns):
-                    key = _load_row(seg_k[s], seg_stride[s], r, h, d, itemsize, bits)
-                    for g in range(group):
-                        acc = np.float32(0.0)
-                        qg = qs[g]
-                        for i in range(d):
-                            acc += qg[i] * key[i]
-                        scores[g, j + r] = acc
+            if itemsize != 4 and ns * d > wide.shape[0]:
+                wide = np.empty(max(ns * d, 2 * wide.shape[0]), dtype=np.float32)
+            keys = _segment_rows(seg_k[s], seg_stride[s], h, ns, d, itemsize, wide)
+            for r in range(ns):
+                key = keys[r]
+                for g in range(group):
+                    acc = np.float32(0.0)
+                    qg = qs[g]
+                    for i in range(d):
+                        acc += qg[i] * key[i]
+                    scores[g, j + r] = acc
             j += ns
         den = _softmax_rows(scores, n, maxes, exp_bits)
         acc_out[:] = 0.0
         j = 0
         for s in range(first, last + 1):
             ns = seg_len[s]
-            if itemsize == 4:
-                values = carray(_f32_at(seg_v[s] + 4 * h * seg_stride[s]), (ns, d))
-                for r in range(ns):
-                    value = values[r]
-                    for g in range(group):
-                        p = scores[g, j + r]
-                        ag = acc_out[g]
-                        for i in range(d):
-                            ag[i] += p * value[i]
-            else:
-                for r in range(ns):
-                    value = _load_row(seg_v[s], seg_stride[s], r, h, d, itemsize, bits)
-                    for g in range(group):
-                        p = scores[g, j + r]
-                        ag = acc_out[g]
-                        for i in range(d):
-                            ag[i] += p * value[i]
+            values = _segment_rows(seg_v[s], seg_stride[s], h, ns, d, itemsize, wide)
+            for r in range(ns):
+                value = values[r]
+                for g in range(group):
+                    p = scores[g, j + r]
+                    ag = acc_out[g]
+                    for i in range(d):
+                        ag[i] += p * value[i]
             j += ns
         for g in range(group):
             lse[b, h * group + g] = maxes[g] + np.log(den[g])

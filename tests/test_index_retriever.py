@@ -26,6 +26,18 @@ def _run(backend, chunks, decodes):
     return cache, outs
 
 
+def _retrieval_backend(kind: str, top_k: int) -> TieredAttentionBackend:
+    """Retrieval mode over an index of `kind`: 16 sinks, a 64-token window."""
+    return TieredAttentionBackend(
+        SHAPE,
+        "retrieval",
+        sink_tokens=16,
+        window_tokens=64,
+        top_k=top_k,
+        retriever_factory=retriever_factory(kind),
+    )
+
+
 def _data(prefill: int, decode_steps: int):
     g = torch.Generator().manual_seed(0)
 
@@ -40,14 +52,7 @@ def _data(prefill: int, decode_steps: int):
 def test_flat_index_scanning_everything_equals_full_attention():
     chunks, decodes = _data(1024, 8)
     full = FullAttentionBackend(SHAPE)
-    tiered = TieredAttentionBackend(
-        SHAPE,
-        "retrieval",
-        sink_tokens=16,
-        window_tokens=64,
-        top_k=10_000,
-        retriever_factory=retriever_factory("faiss-flat"),
-    )
+    tiered = _retrieval_backend("faiss-flat", top_k=10_000)
     _, want = _run(full, chunks, decodes)
     cache, got = _run(tiered, chunks, decodes)
     assert isinstance(cache.retriever, IndexRetriever)
@@ -61,14 +66,7 @@ def test_flat_index_scanning_everything_equals_full_attention():
 
 def test_full_blocks_are_added_incrementally_without_rebuild():
     chunks, decodes = _data(1024, 70)
-    tiered = TieredAttentionBackend(
-        SHAPE,
-        "retrieval",
-        sink_tokens=16,
-        window_tokens=64,
-        top_k=10_000,
-        retriever_factory=retriever_factory("faiss-flat"),
-    )
+    tiered = _retrieval_backend("faiss-flat", top_k=10_000)
     _, want = _run(FullAttentionBackend(SHAPE), chunks, decodes)
     cache, got = _run(tiered, chunks, decodes)
     retriever = cache.retriever
@@ -84,14 +82,7 @@ def test_approximate_indexes_stay_close_to_full_attention(kind):
     chunks, decodes = _data(2048, 4)
     full = FullAttentionBackend(SHAPE)
     exact = TieredAttentionBackend(SHAPE, "retrieval", sink_tokens=16, window_tokens=64, top_k=64)
-    ann = TieredAttentionBackend(
-        SHAPE,
-        "retrieval",
-        sink_tokens=16,
-        window_tokens=64,
-        top_k=64,
-        retriever_factory=retriever_factory(kind),
-    )
+    ann = _retrieval_backend(kind, top_k=64)
     streaming = TieredAttentionBackend(SHAPE, "streaming", sink_tokens=16, window_tokens=64)
     _, ref = _run(full, chunks, decodes)
     errors = {}
@@ -165,14 +156,7 @@ def test_each_search_is_seeded_with_the_previous_result(monkeypatch):
 
     monkeypatch.setattr(AttentionAwareIndex, "search", recording)
     chunks, decodes = _data(1024, 3)
-    tiered = TieredAttentionBackend(
-        SHAPE,
-        "retrieval",
-        sink_tokens=16,
-        window_tokens=64,
-        top_k=32,
-        retriever_factory=retriever_factory("attention-aware"),
-    )
+    tiered = _retrieval_backend("attention-aware", top_k=32)
     _run(tiered, chunks, decodes)
     per_step = SHAPE.num_layers * SHAPE.num_kv_heads  # searches per decode step
     assert len(seen) == 3 * per_step

@@ -15,12 +15,22 @@ gold share with the highest accuracy, then the lowest RStd; that profile goes to
 
 With --eval-split train the three rows are scored on the train questions from --eval-from
 (usable-question index, as in the calibration and selection slices; --eval-questions
-limits the count) instead of val; a slice overlapping the calibration and selection
-questions 0..(--max-questions + --select-questions - 1) is refused.
+limits the count) instead of val. A slice overlapping the questions the profile was made
+from is refused: with --profile, the calibration and selection questions
+0..(--max-questions + --select-questions - 1) and the profile's own calibration slice;
+when this run calibrates, its calibration slice 0..(--max-questions - 1).
+
+--max-questions and --prior-questions set the calibration slice (the profile's and the
+PriDe prior's: the first N usable train questions); --num-neurons, --num-heads,
+--iterations and --share-temperature fix the configuration. --no-perplexity skips the
+perplexity table.
 
     .venv/bin/python benchmarks/anchored_bias.py --select [--out DIR]
     .venv/bin/python benchmarks/anchored_bias.py [--profile DIR] [--out DIR]
     .venv/bin/python benchmarks/anchored_bias.py --profile DIR --eval-split train --eval-from 118
+    .venv/bin/python benchmarks/anchored_bias.py --max-questions 200 --prior-questions 200 \
+        --num-neurons 0 --num-heads 20 --iterations 6 --share-temperature 0.25 \
+        --out DIR --eval-split train --eval-from 200 --no-perplexity
 """
 
 from __future__ import annotations
@@ -63,6 +73,8 @@ CONFIG_FIELDS = (
     "iterations",
     "share_temperature",
 )
+# set from flags as well, but not part of a selection row's recorded config
+CALIBRATION_FLAGS = (*CONFIG_FIELDS, "prior_questions")
 MAX_A_SHARE_GAP = 0.10  # selection: the 'A' share must be this close to the gold share
 
 
@@ -130,7 +142,7 @@ def select(engine: LLMEngine, args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.train} has {len(train)} usable questions, {n + m} needed")
     assert not {q.question for q in cal} & {q.question for q in held}
     held_items = [r for q in held for r in q.rotations()]
-    base = CalibrationConfig(**{f: getattr(args, f) for f in CONFIG_FIELDS})
+    base = CalibrationConfig(**{f: getattr(args, f) for f in CALIBRATION_FLAGS})
     grid = [
         replace(
             base, num_neurons=neurons, num_heads=heads, iterations=passes, share_temperature=temp
@@ -194,16 +206,25 @@ def select(engine: LLMEngine, args: argparse.Namespace) -> None:
 
 def train_holdout(args: argparse.Namespace) -> tuple[list, int, int]:
     """The rotated prompts of train questions [--eval-from, --eval-from + --eval-questions)
-    and the slice's first and last usable-question index; SystemExit if the slice overlaps
-    the calibration and selection questions [0, max_questions + select_questions) or is
-    empty."""
-    reserved = args.max_questions + args.select_questions
+    and the slice's first and last usable-question index; SystemExit if the slice is empty
+    or overlaps the questions the profile comes from: with --profile, the calibration and
+    selection questions [0, max_questions + select_questions) (the profile's own
+    calibration slice is checked once it is loaded); when this run calibrates, its
+    calibration questions [0, max_questions)."""
+    if args.profile:
+        reserved = args.max_questions + args.select_questions
+        used = (
+            f"calibration (0..{args.max_questions - 1}) and selection "
+            f"({args.max_questions}..{reserved - 1})"
+        )
+    else:
+        reserved = args.max_questions
+        used = "this run's calibration"
     start = reserved if args.eval_from is None else args.eval_from
     if start < reserved:
         raise SystemExit(
             f"--eval-from {start} overlaps train questions 0..{reserved - 1}, used for "
-            f"calibration (0..{args.max_questions - 1}) and selection "
-            f"({args.max_questions}..{reserved - 1}); use --eval-from {reserved} or more"
+            f"{used}; use --eval-from {reserved} or more"
         )
     train = read_truthfulqa_csv(args.train, rotate=False)
     stop = len(train) if args.eval_questions is None else start + args.eval_questions
@@ -257,13 +278,18 @@ def main() -> None:
     parser.add_argument(
         "--select-json", default=str(ROOT / "benchmarks/results/anchored_bias_selection.json")
     )
+    parser.add_argument(
+        "--no-perplexity", action="store_true", help="skip the perplexity of ordinary text"
+    )
     defaults = CalibrationConfig()
-    for name in CONFIG_FIELDS:
+    for name in CALIBRATION_FLAGS:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(
             flag, type=type(getattr(defaults, name)), default=getattr(defaults, name)
         )
     args = parser.parse_args()
+    if args.prior_questions > args.max_questions:
+        parser.error("--prior-questions cannot exceed --max-questions (the prior's questions)")
     if args.eval_split == "train":
         if args.select:
             parser.error("--eval-split train scores a fixed profile; it does not go with --select")
@@ -283,7 +309,7 @@ def main() -> None:
     else:
         start = time.monotonic()
         train = read_truthfulqa_csv(args.train, rotate=False)
-        config = CalibrationConfig(**{f: getattr(args, f) for f in CONFIG_FIELDS})
+        config = CalibrationConfig(**{f: getattr(args, f) for f in CALIBRATION_FLAGS})
         profile = calibrate(engine, train, config, progress=True)
         profile.calibration["data"] = "truthfulqa/train.csv"
         calibration_s = time.monotonic() - start
@@ -300,9 +326,14 @@ def main() -> None:
 
     if args.eval_split == "train":
         val = eval_items
+        held = (
+            "held out, never used before"
+            if args.profile
+            else f"held out from the calibration on train questions 0..{calibrated - 1}"
+        )
         title = (
-            f"TruthfulQA train questions {eval_first}..{eval_last} (held out, never used "
-            f"before): {len(val) // 4} questions x 4 rotations, default model, fp32 CPU"
+            f"TruthfulQA train questions {eval_first}..{eval_last} ({held}): "
+            f"{len(val) // 4} questions x 4 rotations, default model, fp32 CPU"
         )
     else:
         val = read_truthfulqa_csv(args.val)
@@ -312,20 +343,23 @@ def main() -> None:
         start = time.monotonic()
         report = evaluate(engine, val, None if correction == "none" else correction, progress=True)
         rows.append((correction, report, time.monotonic() - start))
-    texts = passages()
-    ppl = {
-        c: perplexity(engine, texts, None if c == "none" else c)
-        for c in ("none", "prior", "anchored")
-    }
+    ppl = None
+    if not args.no_perplexity:
+        texts = passages()
+        ppl = {
+            c: perplexity(engine, texts, None if c == "none" else c)
+            for c in ("none", "prior", "anchored")
+        }
 
     print()
     print(title)
     print(format_table([(name, r) for name, r, _ in rows]))
-    print()
-    print("| correction | perplexity (20 stdlib docstring passages) | ratio to none |")
-    print("|---|---|---|")
-    for c, p in ppl.items():
-        print(f"| {c} | {p:.3f} | {p / ppl['none']:.4f} |")
+    if ppl is not None:
+        print()
+        print("| correction | perplexity (20 stdlib docstring passages) | ratio to none |")
+        print("|---|---|---|")
+        for c, p in ppl.items():
+            print(f"| {c} | {p:.3f} | {p / ppl['none']:.4f} |")
     result = {
         "model": engine.model_name,
         "python": platform.python_version(),
@@ -345,7 +379,9 @@ def main() -> None:
         ("val" if args.eval_split == "val" else "train_holdout"): {
             name: {**r.as_dict(), "seconds": round(s, 1)} for name, r, s in rows
         },
-        "perplexity": {"passages": PASSAGE_MODULES, "chars": PASSAGE_CHARS, **ppl},
+        "perplexity": None
+        if ppl is None
+        else {"passages": PASSAGE_MODULES, "chars": PASSAGE_CHARS, **ppl},
     }
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {args.json}")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.tiered_cache import ExactRetriever, HostRetriever, TieredCache
+from engine.tiered_cache import ExactRetriever, HostRetriever, HostSegment, TieredCache
 from retrieval import BuildJob, KeyIndex, build_indexes
 from retrieval import create_index as _create_index
 
@@ -56,7 +56,10 @@ class IndexRetriever(HostRetriever):
         self.indexes: list[list[KeyIndex] | None] = [None] * layers
         self.indexed = [0] * layers  # host rows [0, indexed) are in the layer's indexes
         self.recent_queries: list[list[np.ndarray]] = [[] for _ in range(layers)]
-        # each query head's index result at the layer's last search: the next one's seeds
+        # each query head's index result at the layer's last search: the next one's seeds.
+        # Not for a shared segment: its searches come from several sequences, and seeding
+        # one with another's result would make answers depend on the order of searches.
+        self.seed_searches = not isinstance(cache, HostSegment)
         self.previous_ids: list[np.ndarray | None] = [None] * layers
         self.build_seconds = 0.0
 
@@ -143,7 +146,7 @@ class IndexRetriever(HostRetriever):
                 result = index.search(q_np[heads], width, seeds)
                 ids[heads], scores[heads] = result.ids, result.scores
                 self.scanned += int(np.maximum(result.scanned, 0).sum())
-        if width:
+        if width and self.seed_searches:
             self.previous_ids[layer] = ids.copy()
         if n_host > n_indexed:  # the not-yet-indexed block, scored exactly
             pending = self.cache.host_keys(layer)[:, n_indexed:n_host].float().cpu().numpy()

@@ -163,3 +163,24 @@ def test_each_search_is_seeded_with_the_previous_result(monkeypatch):
     assert all(seeds is None for seeds, _ in seen[:per_step])
     for (seeds, _), (_, before) in zip(seen[per_step:], seen[:-per_step], strict=True):
         np.testing.assert_array_equal(seeds, before)
+
+
+def test_a_shared_segment_is_not_seeded_across_sequences():
+    """A prefix-cache segment is searched by several sequences: its retriever keeps no
+    previous result, so a search's answer does not depend on who searched before."""
+    from engine.tiered_cache import HostSegment, _QuerySampler
+
+    g = torch.Generator().manual_seed(1)
+    keys = [torch.randn(2, 600, 32, generator=g) for _ in range(SHAPE.num_layers)]
+    values = [torch.randn(2, 600, 32, generator=g) for _ in range(SHAPE.num_layers)]
+    samplers = []
+    for _ in range(SHAPE.num_layers):
+        sampler = _QuerySampler(256)
+        sampler.add(torch.randn(600, HQ, 32, generator=g) + 0.5, 0)
+        samplers.append(sampler)
+    segment = HostSegment(SHAPE, keys, values, samplers, retriever_factory("attention-aware"))
+    q_a, q_b = torch.randn(HQ, 32, generator=g) + 0.5, torch.randn(HQ, 32, generator=g) + 0.5
+    first = segment.search(0, q_a, 16)
+    segment.search(0, q_b, 16)  # another sequence's step in between
+    assert torch.equal(segment.search(0, q_a, 16), first)
+    assert segment.retriever.previous_ids == [None] * SHAPE.num_layers

@@ -53,6 +53,10 @@ class CalibrationConfig:
     prior_questions: int = 32
     batch_tokens: int = 4096
 
+    def __post_init__(self) -> None:
+        if not self.share_temperature > 0:
+            raise ValueError(f"share_temperature must be positive, got {self.share_temperature}")
+
 
 @dataclass
 class Capture:
@@ -331,9 +335,6 @@ def calibrate_grid(
             raise ValueError(f"every config of a calibration grid must have the same {f}")
     if engine.model_config.architecture != "llama":
         raise ValueError("bias calibration supports Llama-family models")
-    for c in configs:
-        if not c.share_temperature > 0:
-            raise ValueError(f"share_temperature must be positive, got {c.share_temperature}")
     limit = max_questions if max_questions is not None else configs[0].max_questions
     prep = _prepare(engine, _unique_questions(questions)[:limit], configs[0], progress)
     groups: dict[tuple, list[int]] = {}

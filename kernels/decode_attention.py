@@ -66,11 +66,10 @@ def _exp_nonpositive(x, n, bits):
 
 
 @njit(inline="always", fastmath=True)
-def _softmax_rows(scores, n, maxes, bits):
-    """In place: each row of scores[:, :n] becomes exp(s - max); returns the row sums and
-    writes the row maxima to `maxes`. `bits` is int32 scratch of at least n."""
+def _softmax_rows(scores, n, maxes, den, bits):
+    """In place: each row of scores[:, :n] becomes exp(s - max); writes the row maxima to
+    `maxes` and the row sums to `den`. `bits` is int32 scratch of at least n."""
     group = scores.shape[0]
-    den = np.empty(group, dtype=np.float32)
     for g in range(group):
         row = scores[g]
         m = row[0]
@@ -84,7 +83,6 @@ def _softmax_rows(scores, n, maxes, bits):
             total += row[j]
         den[g] = total
         maxes[g] = m
-    return den
 
 
 @njit(inline="always")
@@ -122,6 +120,7 @@ def _decode_segments(
     hkv = k_new.shape[1]
     group = hq // hkv
     maxes = np.empty(group, dtype=np.float32)
+    den = np.empty(group, dtype=np.float32)
     wide = np.empty(0, dtype=np.float32)  # bfloat16 segments widened
     cap = 0
     scores = np.empty((group, 0), dtype=np.float32)
@@ -160,7 +159,7 @@ def _decode_segments(
                         acc += qg[i] * key[i]
                     scores[g, j + r] = acc
             j += ns
-        den = _softmax_rows(scores, n, maxes, exp_bits)
+        _softmax_rows(scores, n, maxes, den, exp_bits)
         acc_out[:] = 0.0
         j = 0
         for s in range(first, last + 1):

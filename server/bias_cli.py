@@ -84,23 +84,21 @@ def run_bias(args: argparse.Namespace) -> int:
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.mc_data import read_items
 
-    if args.command == "bias":
-        _calibration_config(args)  # bad flags fail before the model loads
+    config = _calibration_config(args) if args.command == "bias" else None  # before loading
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = LLMEngine.from_config(EngineConfig(model=args.model))
     items = read_items(args.data, args.num_options, args.seed)
-    if args.command == "bias":
-        return _calibrate(args, engine, items)
+    if config is not None:
+        return _calibrate(args, config, engine, items)
     return _eval(args, engine, items)
 
 
-def _calibrate(args, engine, items) -> int:
+def _calibrate(args, config, engine, items) -> int:
     from engine.bias_calibrate import calibrate
     from engine.bias_profile import save_profile
 
     start = time.monotonic()
-    config = _calibration_config(args)
     profile = calibrate(engine, items, config, max_questions=args.max_questions, progress=True)
     profile.calibration["data"] = str(args.data)
     save_profile(profile, args.out)

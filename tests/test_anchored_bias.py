@@ -27,7 +27,7 @@ from tests.support.server_process import ServerProcess
 
 BASE = "SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "benchmarks" / "results" / "anchored_bias_profile"
+PROFILE = REPO / "benchmarks" / "results" / "anchored_bias_profile_r3"
 VAL = REPO.parent / "shared" / "data" / "truthfulqa" / "val.csv"
 
 QUESTIONS = [
@@ -438,6 +438,8 @@ def test_cli_calibrate_then_eval(tiny_model_dir, tmp_path, capsys):
     assert recorded["share_temperature"] == 0.5 and recorded["iterations"] == 2
     assert main([*calibrate_args, "--share-temperature", "0"]) == 1
     assert "--share-temperature must be > 0" in capsys.readouterr().err
+    assert main([*calibrate_args, "--max-questions", "4", "--prior-questions", "5"]) == 1
+    assert "--prior-questions cannot exceed --max-questions" in capsys.readouterr().err
     args = ["eval", "mcq", "--data", str(data), "--correction", "prior", "--profile", str(out)]
     assert main([*args, *model, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -445,6 +447,20 @@ def test_cli_calibrate_then_eval(tiny_model_dir, tmp_path, capsys):
     assert abs(sum(report["shares"].values()) - 1) < 1e-6
     assert main(["eval", "mcq", "--data", str(data), "--correction", "anchored", *model]) == 1
     assert "needs --profile" in capsys.readouterr().err
+
+
+def test_cli_calibrate_defaults_are_the_measured_configuration():
+    """The README's plain `bias calibrate` reproduces the configuration benchmarks/README.md
+    measured, not CalibrationConfig's library defaults."""
+    from server.bias_cli import MEASURED_CALIBRATION
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["bias", "calibrate", "--data", "d.csv", "--out", "p"])
+    assert {name: getattr(args, name) for name in MEASURED_CALIBRATION} == MEASURED_CALIBRATION
+    args = build_parser().parse_args(
+        ["bias", "calibrate", "--data", "d.csv", "--out", "p", "--heads", "5"]
+    )
+    assert args.heads == 5 and args.neurons == MEASURED_CALIBRATION["neurons"]
 
 
 def test_token_batches_respect_the_budget_and_cover_every_prompt():

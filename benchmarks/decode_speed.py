@@ -8,18 +8,29 @@ timings are noisy. Usage:
 
 A variant is a dtype; `-dense` turns off decoding from the GGUF's quantisation blocks
 (`--no-block-weights`), which only float32 uses.
+
+transformers runs in a child process (`--hf-worker`) so that each side runs under its
+own OpenMP default: ours with passive workers as the server sets them, transformers with
+libgomp's (spin, then sleep). `--hf-env same` gives the child our settings instead.
+The two sides still alternate, one measurement each, so drift hits both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
 
-# As the server does (engine/__init__.py), before torch loads OpenMP; both sides run under it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As the server does (engine/__init__.py), before torch loads OpenMP; not in the
+# transformers worker, which gets the environment its parent chose.
+USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+if "--hf-worker" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -76,6 +87,53 @@ def hf_single(model, prompt: list[int], decode_tokens: int) -> tuple[float, floa
     return prefill, (total - prefill) / decode_tokens
 
 
+class HFProcess:
+    """transformers' model in a child process, timed on request (`hf_single` there)."""
+
+    def __init__(self, dtype: str, threads: int | None, same_env: bool) -> None:
+        env = dict(os.environ)
+        if not same_env and USER_WAIT_POLICY is None:
+            env.pop("OMP_WAIT_POLICY")  # the policy only we set: libgomp's default there
+        self.wait_policy = env.get("OMP_WAIT_POLICY", "libgomp default")
+        cmd = [sys.executable, __file__, "--hf-worker", dtype]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+
+    def single(self, context: int, seed: int, decode_tokens: int) -> tuple[float, float]:
+        """(prefill seconds, decode seconds per token) of random_prompt(context, seed)."""
+        self.proc.stdin.write(f"{context} {seed} {decode_tokens}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the transformers worker exited (see its stderr above)")
+        prefill, decode = json.loads(line)
+        return prefill, decode
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def hf_worker(dtype: str) -> None:
+    """Answer `context seed decode_tokens` lines on stdin with JSON timings on stdout."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.model_files import default_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(
+        default_model_dir(), dtype=getattr(torch, dtype)
+    ).eval()
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        for line in sys.stdin:
+            context, seed, decode_tokens = map(int, line.split())
+            timings = hf_single(model, random_prompt(context, vocab, seed), decode_tokens)
+            print(json.dumps(timings), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
@@ -84,13 +142,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides")
+    parser.add_argument(
+        "--hf-env",
+        choices=["default", "same"],
+        default="default",
+        help="transformers' OpenMP wait policy: its own default, or the same as ours",
+    )
+    parser.add_argument("--hf-worker", metavar="DTYPE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    from transformers import AutoModelForCausalLM
-
-    from engine.model_files import default_model_dir
+    if args.hf_worker:
+        return hf_worker(args.hf_worker)
 
     rows, batch_rows = [], []
     for variant in args.variants:
@@ -105,19 +169,17 @@ def main() -> None:
                 block_weights=not variant.endswith("-dense"),
             )
         )
-        hf = AutoModelForCausalLM.from_pretrained(
-            default_model_dir(), dtype=getattr(torch, dtype)
-        ).eval()
+        hf = HFProcess(dtype, args.threads, same_env=args.hf_env == "same")
         vocab = engine.model_config.vocab_size
         ours_single(engine, random_prompt(64, vocab, 0), 8)  # warm-up
-        hf_single(hf, random_prompt(64, vocab, 0), 8)
+        hf.single(64, 0, 8)
         with torch.inference_mode():
             for ctx in tqdm(args.contexts, desc=f"{variant} contexts"):
                 prompt = random_prompt(ctx, vocab, ctx)
                 ours, theirs = [], []
                 for _ in range(args.repeats):  # interleaved, so drift hits both alike
                     ours.append(ours_single(engine, prompt, args.decode_tokens))
-                    theirs.append(hf_single(hf, prompt, args.decode_tokens))
+                    theirs.append(hf.single(ctx, ctx, args.decode_tokens))
                 o_pre = statistics.median(x[0] for x in ours)
                 o_dec = statistics.median(x[1] for x in ours)
                 t_pre = statistics.median(x[0] for x in theirs)
@@ -137,11 +199,13 @@ def main() -> None:
             batch_rows.append(
                 (variant, statistics.median(batches), 1 / statistics.median(singles), ratio)
             )
-        del engine, hf
+        hf.close()
+        del engine
 
     print(
         f"\ntorch threads: {torch.get_num_threads()}; batch 1 unless noted; "
-        "HF = transformers generate, same weights and dtype\n"
+        "HF = transformers generate, same weights and dtype, in its own process; "
+        f"OpenMP wait policy: ours {os.environ['OMP_WAIT_POLICY']}, HF {hf.wait_policy}\n"
     )
     print(
         "| variant | context | prefill tok/s ours | prefill tok/s HF | decode ms/tok ours "

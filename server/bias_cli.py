@@ -101,7 +101,7 @@ def _calibrate(args, config, engine, items) -> int:
     from engine.bias_profile import save_profile
 
     start = time.monotonic()
-    profile = calibrate(engine, items, config, max_questions=args.max_questions, progress=True)
+    profile = calibrate(engine, items, config, progress=True)
     profile.calibration["data"] = str(args.data)
     save_profile(profile, args.out)
     cal = profile.calibration

@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 
 from index_recall import cached_capture  # noqa: E402
 
+from retrieval import exact_topk  # noqa: E402
+
 
 def candidate_recall(
     keys: np.ndarray,
@@ -83,8 +85,8 @@ def main() -> None:
             first = head // group * group
             prefill = q[: args.tokens - args.test, first : first + group].reshape(-1, q.shape[-1])
             tests = q[args.tokens - args.test :, head]
-            truth = np.argsort(-(tests @ keys.T), axis=1)[:, : args.k]
-            prefill_lists = np.argpartition(-(prefill @ keys.T), args.k, axis=1)[:, : args.k]
+            truth, _ = exact_topk(keys, tests, args.k)
+            prefill_lists, _ = exact_topk(keys, np.ascontiguousarray(prefill), args.k)
             prefill_unit = prefill / np.linalg.norm(prefill, axis=1, keepdims=True)
             for seeded in (False, True):
                 for m in args.neighbours:

@@ -33,6 +33,12 @@ class LoadedModel:
     name: str  # the name clients (and adapters' base_model) use for it
 
 
+# Model dtypes whose few-row products may come from GGUF blocks: the blocks hold the
+# checkpoint's exact values, so a bfloat16 model's decode reads them instead of its
+# bf16-rounded copy (float32 arithmetic, result rounded to bfloat16 like the dense path's).
+BLOCK_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def load_model(
     model: str | None,
     dtype: torch.dtype = torch.float32,
@@ -42,8 +48,8 @@ def load_model(
     """Load `model` (None/alias for the default model, or a local directory) in eval mode;
     ModelLoadError with one clear line for anything missing or corrupt.
 
-    With `block_weights`, a float32 CPU model converted from a GGUF also keeps that file's
-    quantisation blocks for few-row products (see engine.gguf_blocks)."""
+    With `block_weights`, a float32 or bfloat16 CPU model converted from a GGUF also keeps
+    that file's quantisation blocks for few-row products (see engine.gguf_blocks)."""
     start = time.monotonic()
     model_dir = resolve_model_dir(model)
     try:
@@ -58,7 +64,7 @@ def load_model(
     except Exception as exc:  # truncated or mismatched files fail in many ways
         raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
     net.eval()
-    if block_weights and dtype == torch.float32 and device == "cpu":
+    if block_weights and dtype in BLOCK_DTYPES and device == "cpu":
         source = conversion_source(model_dir)
         if source is not None:
             _attach_blocks(net, source, state, model_dir)

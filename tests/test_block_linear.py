@@ -77,6 +77,40 @@ def test_linear_uses_blocks_only_for_few_rows_without_grad():
     assert out.grad_fn is not None  # dense product, differentiable
 
 
+def test_bfloat16_input_multiplies_in_float32_and_rounds_once():
+    from engine.models.linear import linear
+
+    weight = _weight(96, 64, False)
+    exact = weight.dequantize()
+    few = torch.randn(2, 64).bfloat16()
+    got = linear(few, exact.bfloat16(), None, weight)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, weight.matmul(few.float()).bfloat16())
+    # the checkpoint's exact weights, not the bf16-rounded copy the dense path reads
+    assert not torch.equal(got, torch.nn.functional.linear(few, exact.bfloat16()))
+
+
+def test_bfloat16_default_model_decodes_from_the_blocks(default_model_dir):
+    """A bf16 model's one-row products read the GGUF's exact weights: closer to the exact
+    product than the dense path, which reads the bf16-rounded copy."""
+    from engine.model_loader import load_model
+    from engine.models.linear import linear
+
+    net = load_model(None, torch.bfloat16, block_weights=True).model
+    layer = net.layers[0]
+    assert layer.qkv_weight.dtype == torch.bfloat16 and layer.qkv_blocks is not None
+    assert net.lm_head_blocks is not None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, layer.qkv_weight.shape[1], generator=gen).bfloat16()
+    exact = x.double() @ layer.qkv_blocks.dequantize().double().T
+    decoded = linear(x, layer.qkv_weight, None, layer.qkv_blocks)
+    dense = torch.nn.functional.linear(x, layer.qkv_weight)
+    assert decoded.dtype == dense.dtype == torch.bfloat16
+    decoded_error = (decoded.double() - exact).abs()
+    assert (decoded_error <= exact.abs() * 2**-8 + 1e-6).all()  # one rounding to bf16
+    assert decoded_error.mean() < (dense.double() - exact).abs().mean()
+
+
 def test_default_model_gguf_blocks_equal_the_converted_weights(default_model_dir, tmp_path):
     """Every Q4_1/Q8_0 tensor of the default GGUF maps to the converted float32 weight it
     came from, rows reordered where transformers permuted q/k; a tensor that differs

@@ -78,6 +78,24 @@ def _prefetch(typingctx, address):
     return sig, codegen
 
 
+@intrinsic
+def _prefer_512_bit_vectors(typingctx):
+    """Let LLVM vectorise the calling kernel with 512-bit registers. Its cost model for
+    this CPU prefers 256 bits; for this kernel 512 measured 1.17-1.2x faster with
+    bfloat16 KV and 1.06x with float32 (16 sequences, 30 layers, paired in one process).
+    A no-op where this llvmlite cannot attach the function attribute."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        try:  # llvmlite validates attribute names; a key="value" pair goes in verbatim
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except TypeError:
+            pass
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _widen(x):
     """x as float32: bfloat16 (seen as uint16) widened, float32 as is."""
 
@@ -195,6 +213,7 @@ def _decode_segments(
     """Units lo..hi-1, unit u being KV head u % Hkv of sequence u // Hkv: (with `append`)
     write the new row into the sequence's last segment, then attend over all rows of all
     its segments (one softmax over their union)."""
+    _prefer_512_bit_vectors()
     hq, d = q.shape[1], q.shape[2]
     hkv = k_new.shape[1]
     group = hq // hkv

@@ -22,8 +22,9 @@ import torch
 from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
+from kernels.bf16 import kernel_view, widen
 from kernels.thread_split import run_ranges, split_parts
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -50,16 +51,6 @@ def _pointer_intrinsic(element):
 
 _f32_at = _pointer_intrinsic(types.float32)
 _u16_at = _pointer_intrinsic(types.uint16)
-
-
-@intrinsic
-def _bits_as_f32(typingctx, bits):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-
-    return sig, codegen
 
 
 @intrinsic
@@ -94,17 +85,6 @@ def _prefer_512_bit_vectors(typingctx):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def _widen(x):
-    """x as float32: bfloat16 (seen as uint16) widened, float32 as is."""
-
-
-@overload(_widen, inline="always")
-def _widen_impl(x):
-    if x == types.uint16:
-        return lambda x: _bits_as_f32(np.uint32(x) << np.uint32(16))
-    return lambda x: x
 
 
 @njit(inline="always", fastmath=True)
@@ -176,7 +156,7 @@ def _score_rows(keys, v_base, qs, scores, j):
             acc = np.float32(0.0)
             qg = qs[g]
             for i in range(d):
-                acc += qg[i] * _widen(key[i])
+                acc += qg[i] * widen(key[i])
             scores[g, j + r] = acc
 
 
@@ -193,8 +173,8 @@ def _add_weighted_rows(values, scores, j, acc_out):
             p2, p3 = scores[g, j + r + 2], scores[g, j + r + 3]
             ag = acc_out[g]
             for i in range(d):
-                ag[i] += (p0 * _widen(v0[i]) + p1 * _widen(v1[i])) + (
-                    p2 * _widen(v2[i]) + p3 * _widen(v3[i])
+                ag[i] += (p0 * widen(v0[i]) + p1 * widen(v1[i])) + (
+                    p2 * widen(v2[i]) + p3 * widen(v3[i])
                 )
     for r in range(whole, ns):
         value = values[r]
@@ -202,7 +182,7 @@ def _add_weighted_rows(values, scores, j, acc_out):
             p = scores[g, j + r]
             ag = acc_out[g]
             for i in range(d):
-                ag[i] += p * _widen(value[i])
+                ag[i] += p * widen(value[i])
 
 
 @njit(**_JIT)
@@ -277,13 +257,6 @@ def _split_points(lengths: np.ndarray, parts: int) -> list[int]:
     return [0] + [min(c + 1, len(lengths)) for c in cuts] + [len(lengths)]
 
 
-def _raw(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor; bfloat16 is seen as uint16."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
 def decode_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -314,8 +287,8 @@ def decode_attention(
     lse = torch.empty(qf.shape[:2], dtype=torch.float32)
     args = (
         qf.numpy(),
-        _raw(k_new.contiguous()),
-        _raw(v_new.contiguous()),
+        kernel_view(k_new.contiguous()),
+        kernel_view(v_new.contiguous()),
         seg_start,
         seg_k,
         seg_v,

@@ -4,10 +4,10 @@ Measured in one run on this machine, so the ratios are meaningful even when abso
 timings are noisy. Usage:
 
     .venv/bin/python benchmarks/decode_speed.py [--contexts 512 2048] [--decode-tokens 64]
-        [--threads N] [--variants float32 float32-dense bfloat16]
+        [--threads N] [--variants float32 float32-dense bfloat16 bfloat16-dense]
 
 A variant is a dtype; `-dense` turns off decoding from the GGUF's quantisation blocks
-(`--no-block-weights`), which only float32 uses.
+(`--no-block-weights`), which float32 and bfloat16 use for few-row products.
 
 transformers runs in a child process (`--hf-worker`) so that each side runs under its
 own OpenMP default: ours with passive workers as the server sets them, transformers with

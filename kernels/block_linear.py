@@ -1,4 +1,4 @@
-"""fp32 products with weights kept as 32-wide quantisation blocks (GGUF Q4_1 / Q8_0).
+"""Products with weights kept as 32-wide quantisation blocks (GGUF Q4_1 / Q8_0).
 
 A quantised checkpoint's weights are w = d * q + m per block of 32 inputs (q a small
 integer, d and m one float each). Dequantised to dense float32 they cost 4 bytes each;
@@ -9,7 +9,9 @@ rows `BlockWeight.matmul` computes
     y = sum over blocks b of d_b * (q_b . x_b) + m_b * sum(x_b)
 
 in float32 straight from the blocks. It is the same product of the same weights as the
-dense one (the order of additions differs, so results agree to float32 rounding).
+dense one (the order of additions differs, so results agree to float32 rounding). A
+bfloat16 x is widened as it is read and y rounded to bfloat16 once at the end, so a
+bfloat16 model's decode needs no conversions around the product.
 
 Layout: output rows are grouped in tiles of `width` rows, stored input-major
 ([tiles, inputs, width]), so the inner loop runs across rows with one broadcast input
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from kernels.bf16 import kernel_view, store_slice, widen
 from kernels.thread_split import run_ranges, split_parts
 
 BLOCK = 32
@@ -34,6 +37,7 @@ MAX_ROWS = 4
 # here, about what 0.8M products take (measured: a 960 x 576 product took 100 us alone
 # and 160 us split in two; 3072 x 576 took 287 us alone and 225 us split).
 MIN_PRODUCTS_PER_THREAD = 800_000
+MATMUL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @njit(inline="always", fastmath=True)
@@ -44,8 +48,8 @@ def _add_block_q4(q, xr, start, part):  # pragma: no cover - compiled
     # 8 inputs per pass over the tile's rows: `part` is read and written once per 8
     # products instead of once per 4 (20% faster here; 16 per pass was 5% slower)
     for i in range(start, start + 32, 8):
-        x0, x1, x2, x3 = xr[i], xr[i + 1], xr[i + 2], xr[i + 3]
-        x4, x5, x6, x7 = xr[i + 4], xr[i + 5], xr[i + 6], xr[i + 7]
+        x0, x1, x2, x3 = widen(xr[i]), widen(xr[i + 1]), widen(xr[i + 2]), widen(xr[i + 3])
+        x4, x5, x6, x7 = widen(xr[i + 4]), widen(xr[i + 5]), widen(xr[i + 6]), widen(xr[i + 7])
         xsum += ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         h = i >> 1
         p0, p1, p2, p3 = q[h], q[h + 1], q[h + 2], q[h + 3]
@@ -64,8 +68,8 @@ def _add_block_q8(q, xr, start, part):  # pragma: no cover - compiled
     """_add_block_q4 for one (u)int8 value per byte."""
     xsum = np.float32(0.0)
     for i in range(start, start + 32, 8):
-        x0, x1, x2, x3 = xr[i], xr[i + 1], xr[i + 2], xr[i + 3]
-        x4, x5, x6, x7 = xr[i + 4], xr[i + 5], xr[i + 6], xr[i + 7]
+        x0, x1, x2, x3 = widen(xr[i]), widen(xr[i + 1]), widen(xr[i + 2]), widen(xr[i + 3])
+        x4, x5, x6, x7 = widen(xr[i + 4]), widen(xr[i + 5]), widen(xr[i + 6]), widen(xr[i + 7])
         xsum += ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         q0, q1, q2, q3 = q[i], q[i + 1], q[i + 2], q[i + 3]
         q4, q5, q6, q7 = q[i + 4], q[i + 5], q[i + 6], q[i + 7]
@@ -101,7 +105,7 @@ def _tiles_matmul(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - compi
                 mb = mt[tile, b]
                 for r in range(width):
                     acc[r] += db[r] * part[r] + mb[r] * xsum
-            y[row, tile * width : (tile + 1) * width] = acc
+            store_slice(y[row], tile * width, acc)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -138,7 +142,8 @@ def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - 
                             dst[r] = src[r]
                 w0, w1, w2, w3 = wide[0], wide[1], wide[2], wide[3]
                 for row in range(rows):
-                    x0, x1, x2, x3 = x[row, i], x[row, i + 1], x[row, i + 2], x[row, i + 3]
+                    x0, x1 = widen(x[row, i]), widen(x[row, i + 1])
+                    x2, x3 = widen(x[row, i + 2]), widen(x[row, i + 3])
                     xsum[row] += (x0 + x1) + (x2 + x3)
                     pr = part[row]
                     for r in range(width):
@@ -149,7 +154,8 @@ def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - 
                 ar, pr, xs = acc[row], part[row], xsum[row]
                 for r in range(width):
                     ar[r] += db[r] * pr[r] + mb[r] * xs
-        y[:, tile * width : (tile + 1) * width] = acc
+        for row in range(rows):
+            store_slice(y[row], tile * width, acc[row])
 
 
 def _tile_width(rows: int) -> int:
@@ -253,13 +259,16 @@ class BlockWeight:
         return self.q_tiles.nbytes + self.d_tiles.nbytes + self.m_tiles.nbytes
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T for float32 x [rows, in] (meant for rows <= MAX_ROWS)."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"need float32 [rows, {self.in_features}], got {x.dtype} {x.shape}")
-        xs = x.contiguous().numpy()
+        """x @ weight.T for x [rows, in] (meant for rows <= MAX_ROWS), in x's dtype:
+        float32, or bfloat16 (widened as read, the float32 result rounded once)."""
+        if x.dtype not in MATMUL_DTYPES or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"need float32 or bfloat16 [rows, {self.in_features}], got {x.dtype} {x.shape}"
+            )
         tiles = self.q_tiles.shape[0]
-        y = np.empty((x.shape[0], tiles * self.width), np.float32)
-        args = (self.q_tiles, self.d_tiles, self.m_tiles, xs, y)
+        y = torch.empty((x.shape[0], tiles * self.width), dtype=x.dtype)
+        args = (self.q_tiles, self.d_tiles, self.m_tiles, kernel_view(x.contiguous()))
+        args += (kernel_view(y),)
         kernel = _tiles_matmul if x.shape[0] == 1 else _tiles_matmul_rows
         per_tile = x.shape[0] * self.width * self.in_features
         parts = split_parts(tiles, -(-MIN_PRODUCTS_PER_THREAD // per_tile))
@@ -268,5 +277,4 @@ class BlockWeight:
         else:
             cuts = [tiles * i // parts for i in range(parts + 1)]
             run_ranges(kernel, cuts, *args, after=(self.packed,))
-        out = torch.from_numpy(y)
-        return out if y.shape[1] == self.out_features else out[:, : self.out_features].contiguous()
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features].contiguous()

@@ -57,7 +57,7 @@ def test_bad_shapes_are_refused():
         BlockWeight(q, np.zeros((4, 1), np.float32))
     with pytest.raises(ValueError, match="scales"):
         BlockWeight(np.zeros((4, 64), np.uint8), np.zeros((4, 3), np.float32))
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
         _weight(8, 64, True).matmul(torch.zeros(1, 32))
 
 
@@ -77,17 +77,28 @@ def test_linear_uses_blocks_only_for_few_rows_without_grad():
     assert out.grad_fn is not None  # dense product, differentiable
 
 
-def test_bfloat16_input_multiplies_in_float32_and_rounds_once():
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out, inp, signed", [(960, 576, False), (100, 64, True)])
+def test_bfloat16_input_is_widened_and_the_product_rounded_once(
+    out, inp, signed, threads, monkeypatch
+):
+    """The kernel widens bf16 x as it reads it and rounds y once, to nearest even: the
+    float32 product of the same (widened) x, rounded by torch."""
     from engine.models.linear import linear
 
-    weight = _weight(96, 64, False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
+    weight = _weight(out, inp, signed)
     exact = weight.dequantize()
-    few = torch.randn(2, 64).bfloat16()
-    got = linear(few, exact.bfloat16(), None, weight)
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, weight.matmul(few.float()).bfloat16())
-    # the checkpoint's exact weights, not the bf16-rounded copy the dense path reads
-    assert not torch.equal(got, torch.nn.functional.linear(few, exact.bfloat16()))
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        got = weight.matmul(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+        assert torch.equal(got, weight.matmul(x.float()).bfloat16())
+    few = x[:MAX_ROWS]
+    # linear reads the checkpoint's exact weights, not the bf16-rounded dense copy
+    assert torch.equal(linear(few, exact.bfloat16(), None, weight), weight.matmul(few))
+    assert not torch.equal(weight.matmul(few), torch.nn.functional.linear(few, exact.bfloat16()))
 
 
 def test_bfloat16_default_model_decodes_from_the_blocks(default_model_dir):

@@ -21,11 +21,22 @@ from engine.models.linear import (
     residual_linear,
 )
 from engine.models.rope import RotaryEmbedding, apply_rotary
+from kernels.block_linear import MAX_ROWS as FEW_ROWS
 from kernels.block_linear import BlockWeight
+from kernels.rms_norm import NORM_DTYPES, rms_norm_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype."""
+    if (
+        x.dim() == 2
+        and x.shape[0] <= FEW_ROWS
+        and x.device.type == "cpu"
+        and x.dtype in NORM_DTYPES
+        and weight.dtype == x.dtype
+        and not (x.requires_grad and torch.is_grad_enabled())
+    ):
+        return rms_norm_rows(x.detach(), weight.detach(), eps)  # decode: one call, not 2-6
     if x.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)

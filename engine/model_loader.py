@@ -20,6 +20,7 @@ from engine.model_files import (
 from engine.models import CausalLM, build_model
 from engine.tokenizer import load_tokenizer
 from engine.weights import load_safetensors_dir
+from kernels.block_linear import MATMUL_DTYPES as BLOCK_MATMUL_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,6 @@ class LoadedModel:
     tokenizer: Any
     model_dir: Path
     name: str  # the name clients (and adapters' base_model) use for it
-
-
-# Model dtypes whose few-row products may come from GGUF blocks: the blocks hold the
-# checkpoint's exact values, so a bfloat16 model's decode reads them instead of its
-# bf16-rounded copy (float32 arithmetic, result rounded to bfloat16 like the dense path's).
-BLOCK_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def load_model(
@@ -64,7 +59,9 @@ def load_model(
     except Exception as exc:  # truncated or mismatched files fail in many ways
         raise ModelLoadError(f"cannot load weights from {model_dir}: {exc}") from exc
     net.eval()
-    if block_weights and dtype in BLOCK_DTYPES and device == "cpu":
+    # The blocks hold the checkpoint's exact values: a bfloat16 model's decode reads them
+    # instead of its bf16-rounded copy (float32 arithmetic, the result rounded once).
+    if block_weights and dtype in BLOCK_MATMUL_DTYPES and device == "cpu":
         source = conversion_source(model_dir)
         if source is not None:
             _attach_blocks(net, source, state, model_dir)

@@ -14,24 +14,21 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 
-@intrinsic
-def _bits_as_f32(typingctx, bits):
-    sig = types.float32(types.uint32)
+def _bitcast_intrinsic(source, target):
+    @intrinsic
+    def bitcast(typingctx, value):
+        sig = target(source)
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
 
-    return sig, codegen
+        return sig, codegen
+
+    return bitcast
 
 
-@intrinsic
-def _f32_as_bits(typingctx, value):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-    return sig, codegen
+_bits_as_f32 = _bitcast_intrinsic(types.uint32, types.float32)
+_f32_as_bits = _bitcast_intrinsic(types.float32, types.uint32)
 
 
 def widen(x):

@@ -31,13 +31,14 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 PACK_BATCH_HINT = 16
 
 
+def decode_sized(x: torch.Tensor) -> bool:
+    """Whether x [rows, ...] is a decode-sized input the compiled few-row kernels take:
+    at most MAX_ROWS rows and no gradient to record (LoFiT training stays on torch)."""
+    return x.shape[0] <= MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
+
+
 def _use_blocks(x: torch.Tensor, blocks: BlockWeight | None) -> bool:
-    return (
-        blocks is not None
-        and x.shape[0] <= MAX_ROWS
-        and x.dtype in BLOCK_DTYPES
-        and not (x.requires_grad and torch.is_grad_enabled())
-    )
+    return blocks is not None and x.dtype in BLOCK_DTYPES and decode_sized(x)
 
 
 def linear(

@@ -16,12 +16,12 @@ from engine.models import ACTIVATIONS, CausalLM, copy_param, empty_param, take_w
 from engine.models.linear import (
     PACK_BATCH_HINT,
     can_pack,
+    decode_sized,
     linear,
     pack_linear_weights,
     residual_linear,
 )
 from engine.models.rope import RotaryEmbedding, apply_rotary
-from kernels.block_linear import MAX_ROWS as FEW_ROWS
 from kernels.block_linear import BlockWeight
 from kernels.rms_norm import NORM_DTYPES, rms_norm_rows
 
@@ -30,11 +30,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype."""
     if (
         x.dim() == 2
-        and x.shape[0] <= FEW_ROWS
         and x.device.type == "cpu"
         and x.dtype in NORM_DTYPES
         and weight.dtype == x.dtype
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and decode_sized(x)
     ):
         return rms_norm_rows(x.detach(), weight.detach(), eps)  # decode: one call, not 2-6
     if x.dtype == torch.float32:

@@ -29,9 +29,11 @@ from kernels.thread_split import run_ranges, split_parts
 
 BLOCK = 32
 TILE_WIDTHS = (256, 192, 128)
-# Rows of x up to which matmul beats the dense oneDNN product (measured, see
-# benchmarks/README.md decode_speed); callers use the dense weight above it.
-MAX_ROWS = 4
+# Rows of x up to which matmul beats the dense oneDNN product; callers use the dense
+# weight above it. benchmarks/block_rows.py on the test machine (AMX), dense time / block
+# time for the default model's four products: 1 row 1.34-2.97 (bfloat16) and 1.51-1.70
+# (float32); 2 rows 0.79-1.09 and 0.77-1.14; 4 rows 0.42-0.74 and 0.64-0.87.
+MAX_ROWS = 1
 # Weight-row products (rows of x times weights) per thread below which splitting costs
 # more than it saves: handing a range to a pool thread and waiting for it takes ~80 us
 # here, about what 0.8M products take (measured: a 960 x 576 product took 100 us alone

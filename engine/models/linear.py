@@ -31,10 +31,11 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 PACK_BATCH_HINT = 16
 
 
-def decode_sized(x: torch.Tensor) -> bool:
+def decode_sized(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
     """Whether x [rows, ...] is a decode-sized input the compiled few-row kernels take:
-    at most MAX_ROWS rows and no gradient to record (LoFiT training stays on torch)."""
-    return x.shape[0] <= MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
+    at most `max_rows` rows (the block products' limit by default) and no gradient to
+    record (LoFiT training stays on torch)."""
+    return x.shape[0] <= max_rows and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _use_blocks(x: torch.Tensor, blocks: BlockWeight | None) -> bool:

@@ -23,7 +23,7 @@ from engine.models.linear import (
 )
 from engine.models.rope import RotaryEmbedding, apply_rotary
 from kernels.block_linear import BlockWeight
-from kernels.rms_norm import NORM_DTYPES, rms_norm_rows
+from kernels.rms_norm import NORM_DTYPES, NORM_MAX_ROWS, rms_norm_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,7 +33,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         and x.device.type == "cpu"
         and x.dtype in NORM_DTYPES
         and weight.dtype == x.dtype
-        and decode_sized(x)
+        and decode_sized(x, NORM_MAX_ROWS)
     ):
         return rms_norm_rows(x.detach(), weight.detach(), eps)  # decode: one call, not 2-6
     if x.dtype == torch.float32:

@@ -22,7 +22,7 @@ from engine.lofit_adapter import load_adapter
 from engine.lofit_bank import LofitBank
 from engine.model_config import ModelConfig
 from engine.model_loader import load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, auto_single_decode_threads
 from engine.outputs import StepOutput
 from engine.prefix_cache import PrefixCache, attention_settings
 from engine.sampler import make_generator
@@ -59,6 +59,8 @@ class EngineConfig:
     index: str = "exact"
     index_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"ef": 64}
     num_threads: int | None = None
+    # Threads for a step that decodes one sequence alone; None: `single_decode_threads`.
+    single_decode_threads: int | None = None
     pack_weights: bool = True  # oneDNN-packed matmul weights on CPU (faster decode)
     # Few-row (decode) products from the quantisation blocks of the GGUF a model was
     # converted from (float32 on CPU; the default model): same weights, 1/4 the bytes.
@@ -75,6 +77,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.window_tokens < 1:
             raise ValueError("window_tokens must be >= 1")
+        if self.single_decode_threads is not None and self.single_decode_threads < 0:
+            raise ValueError("single_decode_threads must be >= 0 (0: all threads)")
         if self.prefix_cache_bytes < 0:
             raise ValueError("prefix_cache_bytes must be >= 0 (0 turns the prefix cache off)")
         from retrieval import INDEX_KINDS
@@ -120,7 +124,12 @@ class LLMEngine:
         )
         self.lofit = LofitBank(model_config, _DTYPES[config.dtype], self.device)
         self.bias = BiasBank(model_config, _DTYPES[config.dtype], self.device)
-        self.runner = ModelRunner(model, self.router, self.device, self.lofit, self.bias)
+        lone_threads = config.single_decode_threads
+        if lone_threads is None:
+            lone_threads = auto_single_decode_threads(model_config, shape.dtype, self.device)
+        self.runner = ModelRunner(
+            model, self.router, self.device, self.lofit, self.bias, lone_threads
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,

@@ -53,6 +53,13 @@ _ENGINE_FLAGS: list[tuple[str, type, Any, str]] = [
     ("--index-options", json.loads, {}, "index options as JSON, e.g. '{\"ef\": 64}'"),
     ("--num-threads", int, None, "torch CPU threads (default: all cores)"),
     (
+        "--single-decode-threads",
+        int,
+        None,
+        "threads for a decode step of one sequence alone (default: 1 for a CPU model of "
+        "up to 1 GiB of weights, else all; 0: all)",
+    ),
+    (
         "--prefix-cache-bytes",
         parse_bytes,
         2 << 30,
@@ -133,6 +140,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         index=args.index,
         index_options=args.index_options,
         num_threads=args.num_threads,
+        single_decode_threads=args.single_decode_threads,
         prefix_cache_bytes=0 if args.no_prefix_cache else args.prefix_cache_bytes,
         block_weights=not args.no_block_weights,
     )

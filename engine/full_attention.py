@@ -19,7 +19,6 @@ from engine.forward_context import ForwardContext, SequenceSlice
 from kernels import merge_partials, partial_attention
 from kernels.decode_attention import KERNEL_DTYPES, decode_attention
 
-
 # Most tokens a growing cache reserves beyond what it needs (1/8 of it when that is less).
 GROWTH_MARGIN = 256
 

@@ -18,10 +18,10 @@ from engine.sequence import Sequence
 
 # Weight bytes up to which a lone sequence's decode step runs on one thread by default.
 # Such a step is ~500 small ops; each one spread over threads hands work across cores
-# and waits for it, which costs more than the op saves for a small model. Measured on the
-# 2-core test VM with the default model (270 MB of bf16 weights), one thread vs two,
-# interleaved pairs: 1.37x faster at 512 tokens of context (median of 6; 1.01-1.80x),
-# 0.98x at 2048 (0.89-1.47x), and far steadier (49-59 ms a token against 54-88 ms).
+# and waits for it, which costs more than the op saves for a small model.
+# benchmarks/lone_decode_threads.py on the 2-core test VM, default model in bf16, all
+# threads' time / one thread's, median of 6 interleaved pairs: 1.20x at 512 tokens of
+# context (1.03-2.12x), 1.01x at 2048 (0.87-1.47x); one thread is also the steadier.
 SINGLE_THREAD_MAX_WEIGHT_BYTES = 1 << 30
 
 

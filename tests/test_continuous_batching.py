@@ -13,8 +13,7 @@ import torch
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
-
-NEAR_TIE = 1e-4
+from tests.support.greedy import same_greedy
 
 
 def _engine(model_dir, **overrides) -> LLMEngine:
@@ -49,15 +48,6 @@ def _alone(engine: LLMEngine, prompt: list[int], params):
     return _run(engine, {0: [("alone", prompt)]}, params)["alone"]
 
 
-def _same_greedy(a, b) -> bool:
-    (ta, la), (tb, lb) = a, b
-    for i, (x, y) in enumerate(zip(ta, tb, strict=True)):
-        if x != y:
-            gap = min(la[i].top[0][1] - la[i].top[1][1], lb[i].top[0][1] - lb[i].top[1][1])
-            return gap < NEAR_TIE
-    return True
-
-
 @pytest.mark.parametrize("attention", ["full", "retrieval"])
 def test_32_staggered_requests_match_running_alone(tiny_model_dir, attention):
     engine = _engine(
@@ -81,7 +71,7 @@ def test_32_staggered_requests_match_running_alone(tiny_model_dir, attention):
     for rid, prompt in prompts.items():
         alone = _alone(engine, prompt, params)
         assert len(batched[rid][0]) == 12
-        assert _same_greedy(batched[rid], alone), rid
+        assert same_greedy(batched[rid], alone), rid
 
 
 def test_running_sequences_decode_while_a_long_prompt_prefills(tiny_model_dir):
@@ -143,5 +133,5 @@ def test_preemption_under_a_small_device_budget_still_completes_correctly(tiny_m
     assert sum(s.num_preemptions for s in seqs) > 0
     for rid in prompts:
         assert len(results[rid][0]) == 24
-        assert _same_greedy(results[rid], alone[rid]), rid
+        assert same_greedy(results[rid], alone[rid]), rid
     assert engine.memory_stats()["device_bytes"] == 0

@@ -20,8 +20,8 @@ from engine.model_runner import (
     torch_threads,
 )
 from engine.sampling_params import SamplingParams
+from tests.support.greedy import same_greedy
 
-NEAR_TIE = 1e-4
 CPU = torch.device("cpu")
 
 
@@ -65,15 +65,6 @@ def _greedy(engine: LLMEngine, prompts: dict[str, list[int]]) -> dict[str, tuple
     return results
 
 
-def _same_greedy(a, b) -> bool:
-    (ta, la), (tb, lb) = a, b
-    for i, (x, y) in enumerate(zip(ta, tb, strict=True)):
-        if x != y:
-            gap = min(la[i].top[0][1] - la[i].top[1][1], lb[i].top[0][1] - lb[i].top[1][1])
-            return gap < NEAR_TIE
-    return True
-
-
 def test_lone_decode_runs_on_one_thread_and_gives_the_same_tokens(default_model_dir):
     engine = LLMEngine.from_config(EngineConfig(model=str(default_model_dir)))
     assert engine.runner.single_decode_threads == 1  # the default model, on the CPU
@@ -95,4 +86,4 @@ def test_lone_decode_runs_on_one_thread_and_gives_the_same_tokens(default_model_
     seen.clear()
     all_threads = _greedy(engine, {"a": prompt})
     assert all(n == everyone for _, n in seen)
-    assert _same_greedy(lone["a"], all_threads["a"])
+    assert same_greedy(lone["a"], all_threads["a"])

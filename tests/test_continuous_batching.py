@@ -13,7 +13,7 @@ import torch
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.support.greedy import same_greedy
+from tests.support.greedy import run_requests, same_greedy
 
 
 def _engine(model_dir, **overrides) -> LLMEngine:
@@ -29,23 +29,8 @@ def _params(max_tokens: int = 12) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=2)
 
 
-def _run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int]]]], params):
-    """Add requests at given step numbers; run to completion; return outputs by id."""
-    results: dict[str, tuple[list[int], list]] = {}
-    step = 0
-    while arrivals or engine.has_unfinished():
-        for rid, prompt in arrivals.pop(step, []):
-            engine.add_request(rid, prompt, params)
-            results[rid] = ([], [])
-        for out in engine.step():
-            results[out.request_id][0].extend(out.token_ids)
-            results[out.request_id][1].extend(out.logprobs)
-        step += 1
-    return results
-
-
 def _alone(engine: LLMEngine, prompt: list[int], params):
-    return _run(engine, {0: [("alone", prompt)]}, params)["alone"]
+    return run_requests(engine, {0: [("alone", prompt)]}, params)["alone"]
 
 
 @pytest.mark.parametrize("attention", ["full", "retrieval"])
@@ -66,7 +51,7 @@ def test_32_staggered_requests_match_running_alone(tiny_model_dir, attention):
     for k, i in enumerate(order):  # a few new requests every other step
         arrivals.setdefault(2 * (k // 4), []).append((f"r{i}", prompts[f"r{i}"]))
     params = _params()
-    batched = _run(engine, arrivals, params)
+    batched = run_requests(engine, arrivals, params)
     assert engine.memory_stats()["device_bytes"] == 0
     for rid, prompt in prompts.items():
         alone = _alone(engine, prompt, params)

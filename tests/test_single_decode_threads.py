@@ -20,7 +20,7 @@ from engine.model_runner import (
     torch_threads,
 )
 from engine.sampling_params import SamplingParams
-from tests.support.greedy import same_greedy
+from tests.support.greedy import run_requests, same_greedy
 
 CPU = torch.device("cpu")
 
@@ -55,14 +55,7 @@ def test_config_rejects_negative_counts():
 
 def _greedy(engine: LLMEngine, prompts: dict[str, list[int]]) -> dict[str, tuple[list, list]]:
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
-    results = {rid: ([], []) for rid in prompts}
-    for rid, prompt in prompts.items():
-        engine.add_request(rid, prompt, params)
-    while engine.has_unfinished():
-        for out in engine.step():
-            results[out.request_id][0].extend(out.token_ids)
-            results[out.request_id][1].extend(out.logprobs)
-    return results
+    return run_requests(engine, {0: list(prompts.items())}, params)
 
 
 def test_lone_decode_runs_on_one_thread_and_gives_the_same_tokens(default_model_dir):

@@ -209,20 +209,31 @@ def test_attention_over_rows_with_equal_rows_matches_block_attention():
     torch.testing.assert_close(lse, ref_lse, **TOL)
 
 
+# (query heads, KV heads, head dim): GQA groups of 3 (the default model's), 1 (MHA), 4
+# and 7 (three heads at a time, then one at a time); head dims with their own unrolled
+# code (64, 128) and without (16).
+DECODE_SHAPES = [(6, 2, 16), (9, 3, 64), (4, 4, 16), (8, 2, 128), (14, 2, 16)]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("append", [True, False])
-def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, append, monkeypatch):
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "hq{}-hkv{}-d{}".format(*s))
+def test_decode_attention_appends_and_matches_softmax(
+    dtype, tol, threads, append, shape, monkeypatch
+):
     """Ragged lengths, spare capacity, frozen segments before the own buffer, the batch
-    split across threads or not: with `append` each sequence's new row lands in its own
-    buffer at its length (else the buffers are untouched), and its output and lse are
-    softmax attention over the rows of its own segments only."""
+    split across threads or not, several head shapes: with `append` each sequence's new
+    row lands in its own buffer at its length (else the buffers are untouched), and its
+    output and lse are softmax attention over the rows of its own segments only."""
     import numpy as np
 
     import kernels.decode_attention as module
     import kernels.thread_split as split
     from kernels.decode_attention import decode_attention
 
+    hq, hkv, d = shape
+    scale = d**-0.5
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
     monkeypatch.setattr(module, "MIN_ROWS_PER_THREAD", 1)  # split (sequence, head) units
@@ -231,7 +242,7 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, appen
     layout.append([(6, 6), (11, 1)])
 
     def buffer(capacity: int, seed: int) -> torch.Tensor:
-        return rand(HKV, capacity, D, seed=seed).to(dtype)
+        return rand(hkv, capacity, d, seed=seed).to(dtype)
 
     segs = [
         [(buffer(c, 100 * b + i), buffer(c, 100 * b + 50 + i), n) for i, (c, n) in enumerate(seq)]
@@ -239,8 +250,8 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, appen
     ]
     flat = [seg for seq in segs for seg in seq]
     batch = len(segs)
-    q = rand(batch, HQ, D, seed=1).to(dtype)
-    k_new, v_new = rand(batch, HKV, D, seed=2).to(dtype), rand(batch, HKV, D, seed=3).to(dtype)
+    q = rand(batch, hq, d, seed=1).to(dtype)
+    k_new, v_new = rand(batch, hkv, d, seed=2).to(dtype), rand(batch, hkv, d, seed=3).to(dtype)
     before = [(k.clone(), v.clone()) for k, v, _ in flat]
     out, lse = decode_attention(
         q,
@@ -249,9 +260,9 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, appen
         np.cumsum([0] + [len(seq) for seq in segs]).astype(np.int64),
         np.array([k.data_ptr() for k, _, _ in flat], dtype=np.int64),
         np.array([v.data_ptr() for _, v, _ in flat], dtype=np.int64),
-        np.array([k.shape[1] * D for k, _, _ in flat], dtype=np.int64),
+        np.array([k.shape[1] * d for k, _, _ in flat], dtype=np.int64),
         np.array([n for _, _, n in flat], dtype=np.int64),
-        SCALE,
+        scale,
         append=append,
     )
     assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape
@@ -261,7 +272,7 @@ def test_decode_attention_appends_and_matches_softmax(dtype, tol, threads, appen
             assert torch.equal(own_k[:, n - 1], k_new[b]) and torch.equal(own_v[:, n - 1], v_new[b])
         keys = torch.cat([k[:, :m] for k, _, m in seq], 1).float()
         values = torch.cat([v[:, :m] for _, v, m in seq], 1).float()
-        want, want_lse = full_softmax(q[b].float(), keys, values, SCALE)
+        want, want_lse = full_softmax(q[b].float(), keys, values, scale)
         torch.testing.assert_close(out[b].double(), want, atol=tol, rtol=tol)
         torch.testing.assert_close(lse[b].double(), want_lse, atol=tol, rtol=tol)
     if not append:

@@ -204,11 +204,6 @@ def plan_decode_batch(
     picked = [s for s in slices if s.num_new == 1]
     if not picked:
         return None
-    if len(picked) == 1 and not picked[0].cache.base:
-        # One sequence: torch's matmuls read its KV faster than the kernel does (fp32,
-        # 2048 tokens, one layer, 1 thread: 0.36 vs 1.5 ms; bf16 through the fused CPU
-        # attention: ~5 vs ~20 ms per token over 30 layers).
-        return None
     rows = None
     if len(picked) != len(slices) or any(s.start != i for i, s in enumerate(picked)):
         rows = torch.tensor([s.start for s in picked], dtype=torch.long)

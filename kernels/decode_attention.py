@@ -201,8 +201,9 @@ def _score_rows_1(keys, v_base, q, s, j):
 def _score_rows(keys, v_base, qs, scores, j):
     """scores[:, j + r] = qs . keys[r] for every row r of keys [rows, d], the query heads
     three at a time, then one at a time (with `_add_weighted_rows` likewise, the kernel
-    ran 1.26-1.42x faster on the default model's groups of 3 than one head at a time). While it scores, the key row PREFETCH_ROWS ahead and the value row of
-    the same position are prefetched."""
+    ran 1.26-1.42x faster on the default model's groups of 3 than one head at a time).
+    While it scores, the key row PREFETCH_ROWS ahead and the value row of the same
+    position are prefetched."""
     group = qs.shape[0]
     whole = group - group % 3
     for g in range(0, whole, 3):

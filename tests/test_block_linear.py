@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import kernels.block_linear as block_linear
 import kernels.thread_split as split
-from kernels.block_linear import MAX_ROWS, BlockWeight
+from kernels.block_linear import BLOCK, MAX_ROWS, BlockWeight
 
 
 def _weight(out: int, inp: int, signed: bool, seed: int = 0) -> BlockWeight:
@@ -82,10 +83,12 @@ def test_linear_uses_blocks_only_for_few_rows_without_grad():
 def test_bfloat16_input_is_widened_and_the_product_rounded_once(
     out, inp, signed, threads, monkeypatch
 ):
-    """The kernel widens bf16 x as it reads it and rounds y once, to nearest even: the
-    float32 product of the same (widened) x, rounded by torch."""
+    """Our kernel widens bf16 x as it reads it and rounds y once, to nearest even: the
+    float32 product of the same (widened) x, rounded by torch. (torch's int4 product,
+    which 4-bit weights otherwise take for bf16 rows, is off here: see the next test.)"""
     from engine.models.linear import linear
 
+    monkeypatch.setattr(block_linear, "TORCH_INT4", False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
     weight = _weight(out, inp, signed)
@@ -101,9 +104,46 @@ def test_bfloat16_input_is_widened_and_the_product_rounded_once(
     assert not torch.equal(weight.matmul(few), torch.nn.functional.linear(few, exact.bfloat16()))
 
 
+def _int4_weights(weight: BlockWeight) -> torch.Tensor:
+    """The float64 weights torch's int4 product multiplies by: (q - 8) * s + z per block,
+    s = d and z = m + 8 d rounded to bfloat16."""
+    q, d, m = (torch.from_numpy(a).double() for a in weight.blocks())
+    s = d.bfloat16().double().repeat_interleave(BLOCK, 1)
+    z = (m + 8 * d).float().bfloat16().double().repeat_interleave(BLOCK, 1)
+    return (q - 8) * s + z
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_rows_of_4bit_weights_take_torch_int4(threads, monkeypatch):
+    """4-bit weights times bf16 rows: torch's int4 product of the same blocks, i.e. the
+    product with (q - 8) * bf16(d) + bf16(m + 8 d), rounded to bf16 once; within a bf16
+    ulp of the exact weights' product on average. Weights whose row count the packing
+    cannot take (not a multiple of 16) and float32 rows stay on our kernel."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    weight = _weight(960, 576, False)
+    assert weight.torch_int4(torch.bfloat16) is not None
+    assert weight.torch_int4(torch.float32) is None
+    used = _int4_weights(weight)
+    exact = weight.dequantize().double()
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        got = weight.matmul(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 960)
+        want = x.double() @ used.T
+        assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-4).all()
+        error = (got.double() - x.double() @ exact.T).abs().mean()
+        assert error < 2**-8 * (x.double() @ exact.T).abs().mean()
+    odd = _weight(100, 64, False)
+    assert odd.packed and odd.torch_int4(torch.bfloat16) is None
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(9)).bfloat16()
+    assert torch.equal(odd.matmul(x), odd.matmul(x.float()).bfloat16())
+
+
 def test_bfloat16_default_model_decodes_from_the_blocks(default_model_dir):
-    """A bf16 model's one-row products read the GGUF's exact weights: closer to the exact
-    product than the dense path, which reads the bf16-rounded copy."""
+    """A bf16 model's one-row products read the GGUF's blocks through torch's int4
+    product: within a bf16 ulp of the exact weights' product on average, and within 1.5x
+    the mean error of the dense path, which reads the bf16-rounded copy (measured 1.2-1.4x
+    it on the four products of one layer)."""
     from engine.model_loader import load_model
     from engine.models.linear import linear
 
@@ -118,8 +158,8 @@ def test_bfloat16_default_model_decodes_from_the_blocks(default_model_dir):
     dense = torch.nn.functional.linear(x, layer.qkv_weight)
     assert decoded.dtype == dense.dtype == torch.bfloat16
     decoded_error = (decoded.double() - exact).abs()
-    assert (decoded_error <= exact.abs() * 2**-8 + 1e-6).all()  # one rounding to bf16
-    assert decoded_error.mean() < (dense.double() - exact).abs().mean()
+    assert decoded_error.mean() < 2**-8 * exact.abs().mean()
+    assert decoded_error.mean() < 1.5 * (dense.double() - exact).abs().mean()
 
 
 def test_default_model_gguf_blocks_equal_the_converted_weights(default_model_dir, tmp_path):

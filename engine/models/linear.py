@@ -8,8 +8,8 @@ packed copies after loading; `linear` dispatches on the weight's layout.
 
 A model converted from a quantised GGUF may also carry its weights as quantisation
 blocks (kernels.block_linear): for a few rows of input `linear` multiplies from those,
-reading a quarter of the bytes, and from the dense weight otherwise. The blocks multiply
-in float32; a bfloat16 input is widened and the result rounded to bfloat16 once.
+reading a quarter of the bytes, and from the dense weight otherwise (see BlockWeight.matmul
+for how float32 and bfloat16 rows are multiplied).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.thread_tuner import ThreadTuner
 from engine.tokenizer import eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class EngineConfig:
     num_threads: int | None = None
     # Threads for a step that decodes one sequence alone; None: `single_decode_threads`.
     single_decode_threads: int | None = None
+    # Steps decoding several sequences run on one thread or all, whichever is measured
+    # faster (engine/thread_tuner.py; CPU only). Off: all threads.
+    adaptive_decode_threads: bool = True
     pack_weights: bool = True  # oneDNN-packed matmul weights on CPU (faster decode)
     # Few-row (decode) products from the quantisation blocks of the GGUF a model was
     # converted from (float32 on CPU; the default model): same weights, 1/4 the bytes.
@@ -127,8 +131,12 @@ class LLMEngine:
         lone_threads = config.single_decode_threads
         if lone_threads is None:
             lone_threads = auto_single_decode_threads(model_config, shape.dtype, self.device)
+        tuner = None
+        if config.adaptive_decode_threads and self.device.type == "cpu":
+            if torch.get_num_threads() > 1:
+                tuner = ThreadTuner(torch.get_num_threads())
         self.runner = ModelRunner(
-            model, self.router, self.device, self.lofit, self.bias, lone_threads
+            model, self.router, self.device, self.lofit, self.bias, lone_threads, tuner
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

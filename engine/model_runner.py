@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,7 @@ from engine.model_config import ModelConfig
 from engine.models import CausalLM
 from engine.sampler import TokenLogprob, sample
 from engine.sequence import Sequence
+from engine.thread_tuner import ThreadTuner
 
 # Weight bytes up to which a lone sequence's decode step runs on one thread by default.
 # Such a step is ~500 small ops; each one spread over threads hands work across cores
@@ -65,6 +67,7 @@ class ModelRunner:
         lofit: LofitBank | None = None,
         bias: BiasBank | None = None,
         single_decode_threads: int = 0,
+        decode_tuner: ThreadTuner | None = None,
     ) -> None:
         self.model = model
         self.router = router
@@ -74,6 +77,8 @@ class ModelRunner:
         # Threads for a step that decodes one sequence alone (0: all); the block kernels
         # split their work by torch's thread count, so they follow it too.
         self.single_decode_threads = single_decode_threads
+        # Picks one thread or all for steps that decode several sequences (None: all).
+        self.decode_tuner = decode_tuner
 
     @torch.inference_mode()
     def step(
@@ -81,12 +86,20 @@ class ModelRunner:
     ) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         """Run the forward pass for `work`; return (sequence, token, logprob) for each
         sequence whose tokens are now all computed (so it samples its next token)."""
-        lone_decode = len(work) == 1 and work[0][1] == 1
-        with torch_threads(self.single_decode_threads if lone_decode else 0):
+        decode = all(n == 1 for _, n in work)
+        tuner = self.decode_tuner if decode and len(work) > 1 else None
+        threads = self.single_decode_threads if decode and len(work) == 1 else 0
+        if tuner is not None:
+            kind = tuner.kind(len(work))
+            threads = tuner.choose(kind)
+        start = time.perf_counter()
+        with torch_threads(threads):
             seqs, logits = self.forward_logits(work)
             if not seqs:
                 return []
             tokens, logprobs = sample(logits, [seq.sampling_row() for seq in seqs])
+        if tuner is not None:
+            tuner.record(kind, threads, time.perf_counter() - start, len(work))
         return list(zip(seqs, tokens, logprobs, strict=True))
 
     @torch.inference_mode()

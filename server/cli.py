@@ -123,6 +123,14 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="decode from dense weights only, not from the GGUF's quantisation blocks "
         "(env: LONGSERVE_NO_BLOCK_WEIGHTS=1)",
     )
+    parser.add_argument(
+        "--no-adaptive-decode-threads",
+        action="store_true",
+        default=os.environ.get("LONGSERVE_NO_ADAPTIVE_DECODE_THREADS", "")
+        not in ("", "0", "false"),
+        help="decode batches of sequences on all threads, rather than on one or all by "
+        "measured speed (env: LONGSERVE_NO_ADAPTIVE_DECODE_THREADS=1)",
+    )
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -143,6 +151,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         single_decode_threads=args.single_decode_threads,
         prefix_cache_bytes=0 if args.no_prefix_cache else args.prefix_cache_bytes,
         block_weights=not args.no_block_weights,
+        adaptive_decode_threads=not args.no_adaptive_decode_threads,
     )
 
 

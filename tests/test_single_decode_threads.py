@@ -72,6 +72,7 @@ def test_lone_decode_runs_on_one_thread_and_gives_the_same_tokens(default_model_
     assert all(n == everyone for tokens, n in seen if tokens > 1)  # the prefill
 
     seen.clear()
+    engine.runner.decode_tuner = None  # adaptive decode threads off (tests/test_thread_tuner.py)
     _greedy(engine, {"a": prompt, "b": prompt[:5]})
     assert all(n == everyone for _, n in seen)  # batched steps keep every thread
 

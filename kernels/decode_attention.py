@@ -111,14 +111,14 @@ def _exp_nonpositive(x, n, bits):
 
 @njit(inline="always", fastmath=True)
 def _softmax_rows(scores, n, maxes, den, bits):
-    """In place: each row of scores[:, :n] becomes exp(s - max); writes the row maxima to
-    `maxes` and the row sums to `den`. `bits` is int32 scratch of at least n."""
+    """In place: each row g of scores[:, :n] becomes exp(s - maxes[g]), maxes holding the
+    row maxima (the scoring pass tracks them: a separate max pass does not vectorise and
+    had taken ~60% of the softmax); writes the row sums to `den`. `bits` is int32 scratch
+    of at least n."""
     group = scores.shape[0]
     for g in range(group):
         row = scores[g]
-        m = row[0]
-        for j in range(1, n):
-            m = max(m, row[j])
+        m = maxes[g]
         for j in range(n):
             row[j] -= m
         _exp_nonpositive(row, n, bits)
@@ -126,7 +126,6 @@ def _softmax_rows(scores, n, maxes, den, bits):
         for j in range(n):
             total += row[j]
         den[g] = total
-        maxes[g] = m
 
 
 @njit(inline="always")
@@ -161,12 +160,16 @@ def _dot_3(key, q0, q1, q2, d):
 
 
 @njit(inline="always", fastmath=True)
-def _score_rows_3(keys, v_base, q0, q1, q2, s0, s1, s2, j):
-    """s0[j + r], s1[j + r], s2[j + r] = q0, q1, q2 . keys[r]: three heads per pass over
-    each key row, so each is widened once for all three."""
+def _score_rows_3(keys, v_base, qs, g, scores, maxes, j):
+    """scores[h, j + r] = qs[h] . keys[r] for heads h = g, g + 1, g + 2, raising maxes[h]
+    to the largest: three heads per pass over each key row, so each is widened once for
+    all three."""
     ns, d = keys.shape
     row_bytes = d * keys.itemsize
     k_base = keys.ctypes.data
+    q0, q1, q2 = qs[g], qs[g + 1], qs[g + 2]
+    s0, s1, s2 = scores[g], scores[g + 1], scores[g + 2]
+    m0, m1, m2 = maxes[g], maxes[g + 1], maxes[g + 2]
     for r in range(ns):
         _prefetch_rows(k_base, v_base, r, ns, row_bytes)
         key = keys[r]
@@ -180,14 +183,17 @@ def _score_rows_3(keys, v_base, q0, q1, q2, s0, s1, s2, j):
         s0[j + r] = a0
         s1[j + r] = a1
         s2[j + r] = a2
+        m0, m1, m2 = max(m0, a0), max(m1, a1), max(m2, a2)
+    maxes[g], maxes[g + 1], maxes[g + 2] = m0, m1, m2
 
 
 @njit(inline="always", fastmath=True)
-def _score_rows_1(keys, v_base, q, s, j):
-    """s[j + r] = q . keys[r]."""
+def _score_rows_1(keys, v_base, qs, g, scores, maxes, j):
+    """scores[g, j + r] = qs[g] . keys[r], raising maxes[g] to the largest."""
     ns, d = keys.shape
     row_bytes = d * keys.itemsize
     k_base = keys.ctypes.data
+    q, s, m = qs[g], scores[g], maxes[g]
     for r in range(ns):
         _prefetch_rows(k_base, v_base, r, ns, row_bytes)
         key = keys[r]
@@ -195,11 +201,14 @@ def _score_rows_1(keys, v_base, q, s, j):
         for i in range(d):
             acc += q[i] * widen(key[i])
         s[j + r] = acc
+        m = max(m, acc)
+    maxes[g] = m
 
 
 @njit(inline="always", fastmath=True)
-def _score_rows(keys, v_base, qs, scores, j):
-    """scores[:, j + r] = qs . keys[r] for every row r of keys [rows, d], the query heads
+def _score_rows(keys, v_base, qs, scores, maxes, j):
+    """scores[:, j + r] = qs . keys[r] for every row r of keys [rows, d], raising each
+    head's entry of maxes to its largest score; the query heads
     three at a time, then one at a time (with `_add_weighted_rows` likewise, the kernel
     ran 1.26-1.42x faster on the default model's groups of 3 than one head at a time).
     While it scores, the key row PREFETCH_ROWS ahead and the value row of the same
@@ -207,10 +216,9 @@ def _score_rows(keys, v_base, qs, scores, j):
     group = qs.shape[0]
     whole = group - group % 3
     for g in range(0, whole, 3):
-        _score_rows_3(keys, v_base, qs[g], qs[g + 1], qs[g + 2], scores[g], scores[g + 1],
-                      scores[g + 2], j)  # fmt: skip
+        _score_rows_3(keys, v_base, qs, g, scores, maxes, j)
     for g in range(whole, group):
-        _score_rows_1(keys, v_base, qs[g], scores[g], j)
+        _score_rows_1(keys, v_base, qs, g, scores, maxes, j)
 
 
 @njit(inline="always", fastmath=True)
@@ -310,15 +318,16 @@ def _decode_segments(
         for g in range(group):
             for i in range(d):
                 qs[g, i] = q[b, h * group + g, i] * scale
+        maxes[:] = -np.inf
         j = 0
         for s in range(first, last + 1):
             ns = seg_len[s]
             if itemsize == 4:
                 keys = carray(_f32_at(seg_k[s] + 4 * h * seg_stride[s]), (ns, d))
-                _score_rows(keys, seg_v[s] + 4 * h * seg_stride[s], qs, scores, j)
+                _score_rows(keys, seg_v[s] + 4 * h * seg_stride[s], qs, scores, maxes, j)
             else:
                 keys16 = carray(_u16_at(seg_k[s] + 2 * h * seg_stride[s]), (ns, d))
-                _score_rows(keys16, seg_v[s] + 2 * h * seg_stride[s], qs, scores, j)
+                _score_rows(keys16, seg_v[s] + 2 * h * seg_stride[s], qs, scores, maxes, j)
             j += ns
         _softmax_rows(scores, n, maxes, den, exp_bits)
         acc_out[:] = 0.0

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.attention_backend import AttentionBackend, CacheShape
 from engine.forward_context import ForwardContext, SequenceSlice
 from kernels import merge_partials, partial_attention
-from kernels.decode_attention import KERNEL_DTYPES, decode_attention
+from kernels.decode_attention import KERNEL_DTYPES, decode_attention, split_units
 
 # Most tokens a growing cache reserves beyond what it needs (1/8 of it when that is less).
 GROWTH_MARGIN = 256
@@ -195,10 +195,11 @@ class _DecodeBatch:
     seg_v: np.ndarray
     seg_stride: np.ndarray  # [S] elements between KV heads
     seg_len: np.ndarray  # [S] rows attended (the own buffer's include the new token)
+    cuts: list[int]  # the kernel's thread split, the same for every layer
 
 
 def plan_decode_batch(
-    slices: list[SequenceSlice], head_dim: int, dtype: torch.dtype
+    slices: list[SequenceSlice], head_dim: int, num_kv_heads: int
 ) -> _DecodeBatch | None:
     """Group the decode slices (their caches already reserved) for the batched kernel."""
     picked = [s for s in slices if s.num_new == 1]
@@ -221,13 +222,16 @@ def plan_decode_batch(
         stride.append(cache.capacity * head_dim)
         length.append(s.total_len - cache.base_len)
         start.append(len(length))
+    seg_start = np.array(start, dtype=np.int64)
+    seg_len = np.array(length, dtype=np.int64)
     return _DecodeBatch(
         rows=rows,
-        seg_start=np.array(start, dtype=np.int64),
+        seg_start=seg_start,
         seg_k=np.ascontiguousarray(np.stack(seg_k, axis=1)),
         seg_v=np.ascontiguousarray(np.stack(seg_v, axis=1)),
         seg_stride=np.array(stride, dtype=np.int64),
-        seg_len=np.array(length, dtype=np.int64),
+        seg_len=seg_len,
+        cuts=split_units(seg_start, seg_len, num_kv_heads),
     )
 
 
@@ -297,7 +301,9 @@ class FullAttentionBackend(AttentionBackend):
                 s.cache.reserve(s.total_len)
             self._decode = None
             if self._kernel_ok:
-                self._decode = plan_decode_batch(ctx.slices, self.shape.head_dim, self.shape.dtype)
+                self._decode = plan_decode_batch(
+                    ctx.slices, self.shape.head_dim, self.shape.num_kv_heads
+                )
         decode = self._decode
         out = torch.empty_like(q)
         if decode is not None:
@@ -313,6 +319,7 @@ class FullAttentionBackend(AttentionBackend):
                 decode.seg_stride,
                 decode.seg_len,
                 scale,
+                cuts=decode.cuts,
             )
             if rows is None:
                 out = attended.to(q.dtype)

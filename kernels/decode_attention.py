@@ -355,6 +355,17 @@ def _split_points(lengths: np.ndarray, parts: int) -> list[int]:
     return [0] + [min(c + 1, len(lengths)) for c in cuts] + [len(lengths)]
 
 
+def split_units(seg_start: np.ndarray, seg_len: np.ndarray, num_kv_heads: int) -> list[int]:
+    """How `decode_attention` divides a batch's (sequence, KV head) units among threads at
+    the current torch thread count: boundaries [0, ..., units] of about equal KV rows (one
+    range when splitting does not pay). The same for every layer of a step, so a caller
+    can work it out once and pass it as `cuts`."""
+    units = (len(seg_start) - 1) * num_kv_heads
+    rows = np.repeat(np.add.reduceat(seg_len, seg_start[:-1]), num_kv_heads)
+    parts = min(units, split_parts(int(rows.sum()), MIN_ROWS_PER_THREAD))
+    return [0, units] if parts <= 1 else _split_points(rows, parts)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -366,6 +377,7 @@ def decode_attention(
     seg_len: np.ndarray,
     scale: float,
     append: bool = True,
+    cuts: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append each sequence's new K/V row and attend over its cache, for a batch.
 
@@ -374,9 +386,10 @@ def decode_attention(
     buffers at addresses seg_k[s], seg_v[s] shaped [Hkv, seg_stride[s] / D, D] of which
     rows [0, seg_len[s]) are attended (each sequence needs at least one row). With
     `append` the new row is first written to row seg_len[s] - 1 of the sequence's last
-    segment. Returns (out [B, Hq, D], lse [B, Hq]), both float32, lse being the
-    log-sum-exp of the scaled scores (see kernels.partial_attention). The caller keeps
-    the buffers alive and large enough.
+    segment. `cuts`: the thread split, `split_units(seg_start, seg_len, Hkv)` when None.
+    Returns (out [B, Hq, D], lse [B, Hq]), both float32, lse being the log-sum-exp of the
+    scaled scores (see kernels.partial_attention). The caller keeps the buffers alive and
+    large enough.
     """
     if k_new.dtype not in KERNEL_DTYPES:
         raise ValueError(f"decode_attention supports {KERNEL_DTYPES}, got {k_new.dtype}")
@@ -397,14 +410,10 @@ def decode_attention(
         np.float32(scale),
     )
     itemsize = k_new.element_size()
-    hkv = k_new.shape[1]
-    units = (len(seg_start) - 1) * hkv  # (sequence, KV head) pairs
-    rows = np.repeat(np.add.reduceat(seg_len, seg_start[:-1]), hkv)
-    parts = min(units, split_parts(int(rows.sum()), MIN_ROWS_PER_THREAD))
-    if parts <= 1:
-        _decode_segments(*args, 0, units, itemsize, append)
-        return out, lse
-    # The kernel releases the GIL: other threads take the later units.
-    cuts = _split_points(rows, parts)
-    run_ranges(_decode_segments, cuts, *args, after=(itemsize, append))
+    if cuts is None:
+        cuts = split_units(seg_start, seg_len, k_new.shape[1])
+    if len(cuts) == 2:
+        _decode_segments(*args, cuts[0], cuts[1], itemsize, append)
+    else:  # the kernel releases the GIL: other threads take the later units
+        run_ranges(_decode_segments, cuts, *args, after=(itemsize, append))
     return out, lse

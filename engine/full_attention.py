@@ -320,11 +320,12 @@ class FullAttentionBackend(AttentionBackend):
                 decode.seg_len,
                 scale,
                 cuts=decode.cuts,
+                out_dtype=q.dtype,
             )
             if rows is None:
-                out = attended.to(q.dtype)
+                out = attended
             else:
-                out.index_copy_(0, rows, attended.to(q.dtype))
+                out.index_copy_(0, rows, attended)
         last_layer = layer == self.shape.num_layers - 1
         for s in ctx.slices:
             cache: FullKVCache = s.cache

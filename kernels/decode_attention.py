@@ -24,7 +24,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.bf16 import kernel_view, widen
+from kernels.bf16 import kernel_view, store_slice, widen
 from kernels.thread_split import run_ranges, split_parts
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -301,6 +301,7 @@ def _decode_segments(
     exp_bits = np.empty(0, dtype=np.int32)
     acc_out = np.empty((group, d), dtype=np.float32)
     qs = np.empty((group, d), dtype=np.float32)
+    out_row = np.empty(d, dtype=np.float32)
     for unit in range(lo, hi):
         b, h = unit // hkv, unit % hkv
         first, last = seg_start[b], seg_start[b + 1] - 1
@@ -317,7 +318,7 @@ def _decode_segments(
             exp_bits = np.empty(cap, dtype=np.int32)
         for g in range(group):
             for i in range(d):
-                qs[g, i] = q[b, h * group + g, i] * scale
+                qs[g, i] = widen(q[b, h * group + g, i]) * scale
         maxes[:] = -np.inf
         j = 0
         for s in range(first, last + 1):
@@ -344,7 +345,8 @@ def _decode_segments(
         for g in range(group):
             lse[b, h * group + g] = maxes[g] + np.log(den[g])
             for i in range(d):
-                out[b, h * group + g, i] = acc_out[g, i] / den[g]
+                out_row[i] = acc_out[g, i] / den[g]
+            store_slice(out[b, h * group + g], 0, out_row)
 
 
 def _split_points(lengths: np.ndarray, parts: int) -> list[int]:
@@ -378,6 +380,7 @@ def decode_attention(
     scale: float,
     append: bool = True,
     cuts: list[int] | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append each sequence's new K/V row and attend over its cache, for a batch.
 
@@ -387,17 +390,22 @@ def decode_attention(
     rows [0, seg_len[s]) are attended (each sequence needs at least one row). With
     `append` the new row is first written to row seg_len[s] - 1 of the sequence's last
     segment. `cuts`: the thread split, `split_units(seg_start, seg_len, Hkv)` when None.
-    Returns (out [B, Hq, D], lse [B, Hq]), both float32, lse being the log-sum-exp of the
-    scaled scores (see kernels.partial_attention). The caller keeps the buffers alive and
-    large enough.
+    Returns (out [B, Hq, D] in `out_dtype`, float32 or bfloat16, rounded once from the
+    float32 result; lse [B, Hq] float32, the log-sum-exp of the scaled scores, see
+    kernels.partial_attention). q may be float32 or bfloat16 (widened as read). The
+    caller keeps the buffers alive and large enough.
     """
-    if k_new.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"decode_attention supports {KERNEL_DTYPES}, got {k_new.dtype}")
-    qf = q.float().contiguous()
-    out = torch.empty_like(qf)
-    lse = torch.empty(qf.shape[:2], dtype=torch.float32)
+    if k_new.dtype not in KERNEL_DTYPES or out_dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"decode_attention supports {KERNEL_DTYPES}, got {k_new.dtype} and {out_dtype}"
+        )
+    if q.dtype not in KERNEL_DTYPES:
+        q = q.float()
+    q = q.contiguous()
+    out = torch.empty(q.shape, dtype=out_dtype)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32)
     args = (
-        qf.numpy(),
+        kernel_view(q),
         kernel_view(k_new.contiguous()),
         kernel_view(v_new.contiguous()),
         seg_start,
@@ -405,7 +413,7 @@ def decode_attention(
         seg_v,
         seg_stride,
         seg_len,
-        out.numpy(),
+        kernel_view(out),
         lse.numpy(),
         np.float32(scale),
     )

@@ -253,19 +253,20 @@ def test_decode_attention_appends_and_matches_softmax(
     q = rand(batch, hq, d, seed=1).to(dtype)
     k_new, v_new = rand(batch, hkv, d, seed=2).to(dtype), rand(batch, hkv, d, seed=3).to(dtype)
     before = [(k.clone(), v.clone()) for k, v, _ in flat]
-    out, lse = decode_attention(
-        q,
-        k_new,
-        v_new,
+    layout_args = (
         np.cumsum([0] + [len(seq) for seq in segs]).astype(np.int64),
         np.array([k.data_ptr() for k, _, _ in flat], dtype=np.int64),
         np.array([v.data_ptr() for _, v, _ in flat], dtype=np.int64),
         np.array([k.shape[1] * d for k, _, _ in flat], dtype=np.int64),
         np.array([n for _, _, n in flat], dtype=np.int64),
         scale,
-        append=append,
     )
+    out, lse = decode_attention(q, k_new, v_new, *layout_args, append=append)
     assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape
+    # the output in q's dtype: the float32 result rounded once (a second append writes
+    # the same row again)
+    same, same_lse = decode_attention(q, k_new, v_new, *layout_args, append, out_dtype=dtype)
+    assert same.dtype == dtype and torch.equal(same, out.to(dtype)) and torch.equal(same_lse, lse)
     for b, seq in enumerate(segs):
         own_k, own_v, n = seq[-1]
         if append:

@@ -48,6 +48,10 @@ MATMUL_DTYPES = (torch.float32, torch.bfloat16)
 # float32 rows stay on our kernel. Off: every product on our kernel.
 TORCH_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 TORCH_INT4_DTYPES = (torch.bfloat16,)
+# Rows up to which torch's int4 product beats the dense one (benchmarks/block_rows.py,
+# dense / int4 time: 2.7-3.8x at 1-2 rows and 2.1-2.7x at 4 on one thread; at 8 rows
+# 1.15-1.49x on one thread and 1.23-1.64x on two; at 16, 0.61-0.86x).
+TORCH_INT4_MAX_ROWS = 8
 
 
 @njit(inline="always", fastmath=True)
@@ -285,8 +289,12 @@ class BlockWeight:
             self._int4 = (packed, torch.stack([scale, zero], -1).to(dtype).contiguous())
         return self._int4
 
+    def max_rows(self, dtype: torch.dtype) -> int:
+        """Rows of `dtype` up to which products from the blocks beat the dense weight."""
+        return TORCH_INT4_MAX_ROWS if self.torch_int4(dtype) is not None else MAX_ROWS
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T for x [rows, in] (meant for rows <= MAX_ROWS), in x's dtype:
+        """x @ weight.T for x [rows, in] (meant for rows <= max_rows), in x's dtype:
         float32, or bfloat16 (through torch's int4 product for 4-bit weights, else widened
         as read and the float32 result rounded once)."""
         if x.dtype not in MATMUL_DTYPES or x.dim() != 2 or x.shape[1] != self.in_features:

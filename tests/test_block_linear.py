@@ -78,6 +78,21 @@ def test_linear_uses_blocks_only_for_few_rows_without_grad():
     assert out.grad_fn is not None  # dense product, differentiable
 
 
+def test_bfloat16_4bit_products_use_blocks_up_to_the_int4_row_limit():
+    from engine.models.linear import linear
+    from kernels.block_linear import TORCH_INT4_MAX_ROWS
+
+    weight = _weight(96, 64, False)
+    dense = weight.dequantize().bfloat16()
+    assert weight.max_rows(torch.bfloat16) == TORCH_INT4_MAX_ROWS > MAX_ROWS
+    assert weight.max_rows(torch.float32) == MAX_ROWS
+    assert _weight(96, 64, True).max_rows(torch.bfloat16) == MAX_ROWS  # 8-bit: ours
+    few = torch.randn(TORCH_INT4_MAX_ROWS, 64).bfloat16()
+    assert torch.equal(linear(few, dense, None, weight), weight.matmul(few))
+    many = torch.randn(TORCH_INT4_MAX_ROWS + 1, 64).bfloat16()
+    assert torch.equal(linear(many, dense, None, weight), torch.nn.functional.linear(many, dense))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("out, inp, signed", [(960, 576, False), (100, 64, True)])
 def test_bfloat16_input_is_widened_and_the_product_rounded_once(

@@ -1,0 +1,25 @@
+"""The default model in bfloat16, the dtype of the fast CPU decode paths, end to end:
+torch's int4 products from the GGUF's 4-bit blocks (one to eight rows a step), the dense
+weights (more rows), and the decode-attention kernel reading bf16 queries and writing
+bf16 output. Model behaviour, on the real model."""
+
+from __future__ import annotations
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from kernels.block_linear import TORCH_INT4_MAX_ROWS
+
+
+def test_bfloat16_model_answers_alone_and_in_batches(default_model_dir):
+    llm = LLM(dtype="bfloat16")
+    layer = llm.engine.runner.model.layers[0]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    # decode steps of 1 and 4 rows take the int4 products, 12 rows the dense weights
+    for copies in (1, 4, 12):
+        outs = llm.chat([question] * copies, params)
+        assert len(outs) == copies
+        assert all("Paris" in out.outputs[0].text for out in outs), copies
+        if copies == 1:  # the int4 packing is made on a product's first use
+            assert layer.qkv_blocks._int4 is not None
+    assert 4 <= TORCH_INT4_MAX_ROWS < 12

@@ -277,12 +277,13 @@ class BlockWeight:
 
     def torch_int4(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(packed values, scales and zeros) for torch's int4 product with `dtype` rows, made
-        on first use; None where it does not apply (see TORCH_INT4)."""
+        on first use (a Llama model makes it at load, in pack_weights); None where it
+        does not apply (see TORCH_INT4)."""
         if not (TORCH_INT4 and dtype in TORCH_INT4_DTYPES and self.packed):
             return None
         if self.out_features % 16:  # the packing's requirement
             return None
-        if self._int4 is None or self._int4[1].dtype != dtype:
+        if self._int4 is None:  # only one dtype takes it, so one packing serves
             q, d, m = self.blocks()
             values = torch.from_numpy(q.astype(np.int32))
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)

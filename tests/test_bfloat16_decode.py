@@ -20,6 +20,6 @@ def test_bfloat16_model_answers_alone_and_in_batches(default_model_dir):
         outs = llm.chat([question] * copies, params)
         assert len(outs) == copies
         assert all("Paris" in out.outputs[0].text for out in outs), copies
-        if copies == 1:  # the int4 packing is made on a product's first use
+        if copies == 1:  # the int4 packing (made at load, by pack_weights)
             assert layer.qkv_blocks._int4 is not None
     assert 4 <= TORCH_INT4_MAX_ROWS < 12

@@ -40,9 +40,7 @@ def decode_sized(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
 
 def _use_blocks(x: torch.Tensor, blocks: BlockWeight | None) -> bool:
     return (
-        blocks is not None
-        and x.dtype in BLOCK_DTYPES
-        and decode_sized(x, blocks.max_rows(x.dtype))
+        blocks is not None and x.dtype in BLOCK_DTYPES and decode_sized(x, blocks.max_rows(x.dtype))
     )
 
 

@@ -78,10 +78,13 @@ def test_linear_uses_blocks_only_for_few_rows_without_grad():
     assert out.grad_fn is not None  # dense product, differentiable
 
 
-def test_bfloat16_4bit_products_use_blocks_up_to_the_int4_row_limit():
+def test_bfloat16_4bit_products_use_blocks_up_to_the_int4_row_limit(monkeypatch):
+    """Without AMX (tests/test_amx_block_linear.py has it), bf16 rows of 4-bit blocks go
+    through torch's int4 product up to its row limit."""
     from engine.models.linear import linear
     from kernels.block_linear import TORCH_INT4_MAX_ROWS
 
+    monkeypatch.setattr(block_linear, "AMX", False)
     weight = _weight(96, 64, False)
     dense = weight.dequantize().bfloat16()
     assert weight.max_rows(torch.bfloat16) == TORCH_INT4_MAX_ROWS > MAX_ROWS
@@ -100,10 +103,12 @@ def test_bfloat16_input_is_widened_and_the_product_rounded_once(
 ):
     """Our kernel widens bf16 x as it reads it and rounds y once, to nearest even: the
     float32 product of the same (widened) x, rounded by torch. (torch's int4 product,
-    which 4-bit weights otherwise take for bf16 rows, is off here: see the next test.)"""
+    and the AMX product, which 4-bit weights otherwise take for bf16 rows, are off here:
+    see the next test and tests/test_amx_block_linear.py.)"""
     from engine.models.linear import linear
 
     monkeypatch.setattr(block_linear, "TORCH_INT4", False)
+    monkeypatch.setattr(block_linear, "AMX", False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
     weight = _weight(out, inp, signed)
@@ -133,8 +138,10 @@ def test_bfloat16_rows_of_4bit_weights_take_torch_int4(threads, monkeypatch):
     """4-bit weights times bf16 rows: torch's int4 product of the same blocks, i.e. the
     product with (q - 8) * bf16(d) + bf16(m + 8 d), rounded to bf16 once; within a bf16
     ulp of the exact weights' product on average. Weights whose row count the packing
-    cannot take (not a multiple of 16) and float32 rows stay on our kernel."""
+    cannot take (not a multiple of 16) and float32 rows stay on our kernel. (AMX, which
+    takes bf16 rows from AMX_MIN_ROWS up where the CPU has it, is off here.)"""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(block_linear, "AMX", False)
     weight = _weight(960, 576, False)
     assert weight.torch_int4(torch.bfloat16) is not None
     assert weight.torch_int4(torch.float32) is None

@@ -1,0 +1,79 @@
+"""bf16 rows times 4-bit blocks on AMX tiles (kernels.amx_block_linear), against the
+float64 product of the exact weights; and which rows BlockWeight sends there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kernels.thread_split as split
+from kernels import amx_block_linear
+from kernels.amx_block_linear import AmxWeight
+from kernels.block_linear import AMX_MAX_ROWS, AMX_MIN_ROWS, BlockWeight
+
+pytestmark = pytest.mark.skipif(
+    not amx_block_linear.AVAILABLE, reason="this CPU has no AMX-BF16 tiles (or may not use them)"
+)
+
+
+def _blocks(out: int, inp: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (out, inp)).astype(np.uint8)
+    d = rng.random((out, inp // 32), dtype=np.float32) * 1e-2
+    return q, d, -rng.random((out, inp // 32), dtype=np.float32) * 5e-2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out, inp", [(960, 576), (576, 1536), (32, 64)])
+def test_product_is_the_exact_weights_product_rounded_once(out, inp, threads, monkeypatch):
+    """Any row count (padded to 16, and more than one tile pass), split across threads or
+    not: within one bf16 ulp of the exact product everywhere, half an ulp on average, and
+    closer than the dense path, which multiplies by the bf16-rounded weights."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
+    monkeypatch.setattr(amx_block_linear, "MIN_GROUPS_PER_THREAD", 1)
+    q, d, m = _blocks(out, inp)
+    exact = BlockWeight(q, d, m).dequantize()
+    weight = AmxWeight(q, d, m)
+    for rows in (1, 5, 16, 21):
+        x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        got = weight.matmul(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+        want = x.double() @ exact.double().T
+        error = (got.double() - want).abs()
+        assert (error <= want.abs() * 2**-7 + 1e-6).all(), rows
+        assert error.mean() < 2**-9 * want.abs().mean(), rows
+        dense = torch.nn.functional.linear(x, exact.bfloat16())
+        assert error.mean() < (dense.double() - want).abs().mean(), rows
+
+
+def test_block_weight_sends_4_to_16_bf16_rows_to_amx():
+    from engine.models.linear import linear
+
+    q, d, m = _blocks(96, 64)
+    weight = BlockWeight(q, d, m)
+    assert weight.max_rows(torch.bfloat16) == AMX_MAX_ROWS
+    assert weight.amx(torch.float32) is None and weight.amx(torch.bfloat16) is not None
+    dense = weight.dequantize().bfloat16()
+    for rows in (AMX_MIN_ROWS, AMX_MAX_ROWS):
+        x = torch.randn(rows, 64).bfloat16()
+        assert torch.equal(linear(x, dense, None, weight), weight.amx(torch.bfloat16).matmul(x))
+    few = torch.randn(AMX_MIN_ROWS - 1, 64).bfloat16()  # torch's int4 product
+    int4 = weight.torch_int4(torch.bfloat16)
+    want = torch.ops.aten._weight_int4pack_mm_for_cpu(few, int4[0], 32, int4[1])
+    assert torch.equal(weight.matmul(few), want)
+    many = torch.randn(AMX_MAX_ROWS + 1, 64).bfloat16()
+    assert torch.equal(linear(many, dense, None, weight), torch.nn.functional.linear(many, dense))
+    odd = BlockWeight(*_blocks(100, 64))  # not a whole tile of columns: not for AMX
+    assert odd.amx(torch.bfloat16) is None
+
+
+def test_bad_shapes_and_dtypes_are_refused():
+    with pytest.raises(ValueError, match="16"):
+        AmxWeight(*_blocks(100, 64))
+    weight = AmxWeight(*_blocks(32, 64))
+    with pytest.raises(ValueError, match="bfloat16"):
+        weight.matmul(torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="bfloat16"):
+        weight.matmul(torch.zeros(2, 32).bfloat16())

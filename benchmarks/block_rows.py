@@ -1,11 +1,13 @@
 """Where block products stop paying: dense (oneDNN) time / block time per row count.
 
 For each of the default model's four layer products, all 30 layers are multiplied from
-the GGUF blocks as the engine does (bfloat16 rows of 4-bit blocks through torch's int4
-kernel, everything else through ours), through our kernel alone, and from the packed
-dense weights, in turn, `--pairs` times. Printed: each path's median ms over the 30
-layers, and the medians of the per-round ratios dense / engine and ours / engine (above
-1: the engine's path is faster). `kernels.block_linear.MAX_ROWS` is set from this.
+the GGUF blocks as the engine does (bfloat16 rows of 4-bit blocks through AMX tiles from
+AMX_MIN_ROWS rows where the CPU has them, else torch's int4 kernel; everything else
+through ours), with AMX off (torch's int4 kernel for bf16), through our kernel alone,
+and from the packed dense weights, in turn, `--pairs` times. Printed: each path's median
+ms over the 30 layers, and the medians of the per-round ratios of each path's time to
+the engine's (above 1: the engine's path is faster). The row limits in
+`kernels.block_linear` are set from this.
 
     .venv/bin/python benchmarks/block_rows.py --dtype bfloat16 --rows 1 2 4 --threads 1
 """
@@ -32,15 +34,18 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _ours_only(fn):
-    """fn with torch's int4 product turned off: every block product on our kernel."""
+def _without(fn, *switches: str):
+    """fn with these module switches of kernels.block_linear (TORCH_INT4, AMX) off."""
+    before = {name: getattr(block_linear, name) for name in switches}
 
     def run():
-        block_linear.TORCH_INT4 = False
+        for name in switches:
+            setattr(block_linear, name, False)
         try:
             fn()
         finally:
-            block_linear.TORCH_INT4 = True
+            for name, value in before.items():
+                setattr(block_linear, name, value)
 
     return run
 
@@ -60,11 +65,15 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(
         f"{args.dtype}, torch threads {torch.get_num_threads()}, torch int4 kernel "
-        f"{'available' if block_linear.TORCH_INT4 else 'missing'}; ms over 30 layers "
-        "(engine's block path / ours only / dense), then dense / engine and ours / engine\n"
+        f"{'available' if block_linear.TORCH_INT4 else 'missing'}, AMX "
+        f"{'available' if block_linear.AMX else 'missing'}; ms over 30 layers "
+        "(engine's block path / AMX off / ours only / dense), then each / engine\n"
     )
-    print("| rows | product | engine ms | ours ms | dense ms | dense / engine | ours / engine |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(
+        "| rows | product | engine ms | AMX off ms | ours ms | dense ms "
+        "| AMX off / engine | ours / engine | dense / engine |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for rows in args.rows:
             for name in PRODUCTS:
@@ -80,22 +89,17 @@ def main() -> None:
                     for w in dense:
                         linear(x, w, None, None)
 
-                ours = _ours_only(from_blocks)
-                paths = (from_blocks, ours, from_dense)
+                no_amx = _without(from_blocks, "AMX")
+                ours = _without(from_blocks, "AMX", "TORCH_INT4")
+                paths = (from_blocks, no_amx, ours, from_dense)
                 for path in paths:
                     path()  # compile and warm
                 times: list[tuple[float, ...]] = []
                 for _ in range(args.pairs):
                     times.append(tuple(_seconds(path) for path in paths))
-                engine_s, ours_s, dense_s = (
-                    statistics.median(t) * 1e3 for t in zip(*times, strict=True)
-                )
-                dense_ratio = statistics.median(d / e for e, _, d in times)
-                ours_ratio = statistics.median(o / e for e, o, _ in times)
-                print(
-                    f"| {rows} | {name} | {engine_s:.2f} | {ours_s:.2f} | {dense_s:.2f} | "
-                    f"{dense_ratio:.2f} | {ours_ratio:.2f} |"
-                )
+                ms = [statistics.median(t) * 1e3 for t in zip(*times, strict=True)]
+                ratios = [statistics.median(t[i] / t[0] for t in times) for i in (1, 2, 3)]
+                print(f"| {rows} | {name} | " + " | ".join(f"{v:.2f}" for v in ms + ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -56,11 +56,12 @@ TORCH_INT4_DTYPES = (torch.bfloat16,)
 TORCH_INT4_MAX_ROWS = 8
 # Where the CPU has AMX, bf16 rows of 4-bit blocks from AMX_MIN_ROWS to AMX_MAX_ROWS go
 # through kernels.amx_block_linear instead: its cost hardly depends on the row count (one
-# tile pass serves 16 rows). Ad hoc, one thread, the default model's four products over
-# 30 layers: AMX 11.4-11.7 ms at 1-16 rows; torch's int4 7.8 at 1 row, 12.5 at 4, 21.7
-# at 8 and 40.8 at 16; the dense bf16 weights 18.0-20.1.
+# tile pass serves 16 rows). benchmarks/block_rows.py, one thread, the default model's
+# four products over 30 layers: AMX 13.9 ms at 4 rows, 14.5 at 8, 13.4 at 16; torch's
+# int4 kernel 6.4 at 1 row, 12.2 at 4, 21.8 at 8, 40.3 at 16 (so it keeps up to 4 rows);
+# the dense bf16 weights 18.2-21.7.
 AMX = amx_block_linear.AVAILABLE
-AMX_MIN_ROWS = 4
+AMX_MIN_ROWS = 5
 AMX_MAX_ROWS = 16
 
 

@@ -115,11 +115,15 @@ def load_gguf_blocks(gguf_path: Path, dense: dict[str, torch.Tensor]) -> dict[st
 
 
 CACHE_FILE = "gguf-blocks.cache"  # not *.safetensors: those are read as the weights
+# Bumped when BlockWeight's stored layout changes, so older cache files are rebuilt
+# (2: 4-bit weights in tiles of 16 rows).
+CACHE_LAYOUT = 2
 
 
 def _fingerprint(gguf_path: Path, model_dir: Path) -> str:
     files = [gguf_path, *sorted(model_dir.glob("*.safetensors"))]
-    return json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return json.dumps({"layout": CACHE_LAYOUT, "files": stats})
 
 
 def _read_cache(path: Path, fingerprint: str) -> dict[str, BlockWeight] | None:

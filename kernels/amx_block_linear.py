@@ -32,10 +32,10 @@ import torch
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from kernels.bf16 import kernel_view, widen
+from kernels.simd import F32, I64, V16, declare, fma, pointer_at, splat, vec_t, vload
 from kernels.thread_split import run_ranges, split_parts
 
 BLOCK = 32
@@ -49,10 +49,7 @@ _SYS_ARCH_PRCTL = 158  # x86_64
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 
-_F32 = ir.FloatType()
-_V16 = ir.VectorType(_F32, 16)
 _I16x32 = ir.VectorType(ir.IntType(16), 32)
-_I64 = ir.IntType(64)
 _I16 = ir.IntType(16)
 _BYTES = ir.IntType(8).as_pointer()
 
@@ -97,7 +94,7 @@ class _RowsType(types.Type):
 
 
 _rows_t = _RowsType()
-_ROWS = ir.ArrayType(_V16, TILE_ROWS)
+_ROWS = ir.ArrayType(V16, TILE_ROWS)
 
 
 @register_model(_RowsType)
@@ -106,43 +103,9 @@ class _RowsModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _ROWS)
 
 
-class _VecType(types.Type):
-    def __init__(self) -> None:
-        super().__init__(name="F32x16")
-
-
-_vec_t = _VecType()
-
-
-@register_model(_VecType)
-class _VecModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16)
-
-
-def _declare(builder, name, ret, args):
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
-
-
-def _fma(builder, a, b, c):
-    return builder.call(_declare(builder, "llvm.fma.v16f32", _V16, [_V16] * 3), [a, b, c])
-
-
-def _at(builder, address, offset, pointee):
-    return builder.inttoptr(builder.add(address, _I64(offset)), pointee.as_pointer())
-
-
 @intrinsic
 def _zero_rows(typingctx):
     return _rows_t(), lambda context, builder, sig, args: ir.Constant(_ROWS, None)
-
-
-@intrinsic
-def _load_vec(typingctx, address):
-    def codegen(context, builder, sig, args):
-        return builder.load(_at(builder, args[0], 0, _V16), align=4)
-
-    return _vec_t(types.int64), codegen
 
 
 @intrinsic
@@ -151,13 +114,14 @@ def _expand_pair(typingctx, source, target):
     bfloat16 numbers 128 + nibble."""
 
     def codegen(context, builder, sig, args):
-        raw = builder.load(_at(builder, args[0], 0, ir.VectorType(ir.IntType(8), 32)), align=1)
+        source = pointer_at(builder, args[0], 0, ir.VectorType(ir.IntType(8), 32))
+        raw = builder.load(source, align=1)
         raw = builder.zext(raw, _I16x32)
         magic = ir.Constant(_I16x32, [0x4300] * 32)
         low = builder.or_(builder.and_(raw, ir.Constant(_I16x32, [15] * 32)), magic)
         high = builder.or_(builder.lshr(raw, ir.Constant(_I16x32, [4] * 32)), magic)
-        builder.store(low, _at(builder, args[1], 0, _I16x32), align=64)
-        builder.store(high, _at(builder, args[1], 64, _I16x32), align=64)
+        builder.store(low, pointer_at(builder, args[1], 0, _I16x32), align=64)
+        builder.store(high, pointer_at(builder, args[1], 64, _I16x32), align=64)
         return context.get_dummy_value()
 
     return types.void(types.int64, types.int64), codegen
@@ -171,16 +135,16 @@ def _tile_product(typingctx, product, x_address, x_stride, tile):
     def codegen(context, builder, sig, args):
         out, xa, stride, tile_address = args
         rows, width = _I16(TILE_ROWS), _I16(64)
-        load = _declare(builder, "llvm.x86.tileloadd64.internal", _TILE, [_I16, _I16, _BYTES, _I64])
-        dot = _declare(builder, "llvm.x86.tdpbf16ps.internal", _TILE, [_I16] * 3 + [_TILE] * 3)
-        zero = _declare(builder, "llvm.x86.tilezero.internal", _TILE, [_I16, _I16])
-        store_args = [_I16, _I16, _BYTES, _I64, _TILE]
-        store = _declare(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), store_args)
+        load = declare(builder, "llvm.x86.tileloadd64.internal", _TILE, [_I16, _I16, _BYTES, I64])
+        dot = declare(builder, "llvm.x86.tdpbf16ps.internal", _TILE, [_I16] * 3 + [_TILE] * 3)
+        zero = declare(builder, "llvm.x86.tilezero.internal", _TILE, [_I16, _I16])
+        store_args = [_I16, _I16, _BYTES, I64, _TILE]
+        store = declare(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), store_args)
         acc = builder.call(zero, [rows, width])
         a = builder.call(load, [rows, width, builder.inttoptr(xa, _BYTES), stride])
-        b = builder.call(load, [rows, width, builder.inttoptr(tile_address, _BYTES), _I64(64)])
+        b = builder.call(load, [rows, width, builder.inttoptr(tile_address, _BYTES), I64(64)])
         acc = builder.call(dot, [rows, width, width, acc, a, b])
-        builder.call(store, [rows, width, builder.inttoptr(out, _BYTES), _I64(64), acc])
+        builder.call(store, [rows, width, builder.inttoptr(out, _BYTES), I64(64), acc])
         return context.get_dummy_value()
 
     return types.void(types.int64, types.int64, types.int64, types.int64), codegen
@@ -193,18 +157,15 @@ def _add_scaled(typingctx, rows, product, d, shift, sums, sums_stride):
 
     def codegen(context, builder, sig, args):
         acc, out, d, shift, sums, stride = args
-        lanes = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
         for r in range(TILE_ROWS):
-            p = builder.load(_at(builder, out, 64 * r, _V16), align=64)
-            address = builder.add(sums, builder.mul(stride, _I64(r)))
-            s = builder.load(builder.inttoptr(address, _F32.as_pointer()), align=4)
-            s = builder.insert_element(ir.Constant(_V16, None), s, ir.IntType(32)(0))
-            s = builder.shuffle_vector(s, s, lanes)
-            row = _fma(builder, shift, s, builder.extract_value(acc, r))
-            acc = builder.insert_value(acc, _fma(builder, d, p, row), r)
+            p = builder.load(pointer_at(builder, out, 64 * r, V16), align=64)
+            address = builder.add(sums, builder.mul(stride, I64(r)))
+            s = builder.load(builder.inttoptr(address, F32.as_pointer()), align=4)
+            row = fma(builder, shift, splat(builder, s), builder.extract_value(acc, r))
+            acc = builder.insert_value(acc, fma(builder, d, p, row), r)
         return acc
 
-    sig = _rows_t(_rows_t, types.int64, _vec_t, _vec_t, types.int64, types.int64)
+    sig = _rows_t(_rows_t, types.int64, vec_t, vec_t, types.int64, types.int64)
     return sig, codegen
 
 
@@ -221,7 +182,7 @@ def _store_rows_bf16(typingctx, rows, address, stride):
             lsb = builder.and_(builder.lshr(bits, _splat32(16)), _splat32(1))
             bits = builder.add(bits, builder.add(_splat32(0x7FFF), lsb))
             value = builder.trunc(builder.lshr(bits, _splat32(16)), half)
-            target = builder.add(base, builder.mul(step, _I64(r)))
+            target = builder.add(base, builder.mul(step, I64(r)))
             builder.store(value, builder.inttoptr(target, half.as_pointer()), align=2)
         return context.get_dummy_value()
 
@@ -261,7 +222,7 @@ def _amx_matmul(q, d, shift, x, sums, y, g0, g1):  # pragma: no cover - compiled
                 _expand_pair(source + 32 * p, tile + 128 * p)
             _tile_product(product, xa + 64 * b, x_stride, tile)
             at = (g * blocks + b) * 64
-            d_b, shift_b = _load_vec(da + at), _load_vec(sa + at)
+            d_b, shift_b = vload(da + at), vload(sa + at)
             rows = _add_scaled(rows, product, d_b, shift_b, suma + 4 * b, blocks * 4)
         _store_rows_bf16(rows, ya + 32 * g, y_stride)
 

@@ -15,7 +15,10 @@ bfloat16 model's decode needs no conversions around the product.
 
 Layout: output rows are grouped in tiles of `width` rows, stored input-major
 ([tiles, inputs, width]), so the inner loop runs across rows with one broadcast input
-and each tile is one contiguous stream.
+and each tile is one contiguous stream. 4-bit weights with a multiple of 16 output rows
+take tiles of 16 (one vector register's lanes), which `_rows_q4_16` reads with its
+running sums held in registers; other weights take the widest tile with the least
+padding, for `_tiles_matmul`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from numba import njit
 
 from kernels import amx_block_linear
 from kernels.bf16 import kernel_view, store_slice, widen
+from kernels.simd import LANES, nibbles, vadd, vfma, vfma_scalar, vload, vstore, vzero
 from kernels.thread_split import run_ranges, split_parts
 
 BLOCK = 32
@@ -133,6 +137,57 @@ def _tiles_matmul(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - compi
             store_slice(y[row], tile * width, acc)
 
 
+@njit(inline="always", fastmath=True)
+def _q4_16_block(q_address, xs, start):  # pragma: no cover - compiled
+    """(sum over the block's even inputs, over its odd ones) of q times x for the 16
+    output rows of one tile: q_address its 16 rows of 16 bytes, xs[start:start + 32]."""
+    even, odd = vzero(), vzero()
+    for h in range(16):
+        low, high = nibbles(q_address + 16 * h)
+        even = vfma_scalar(even, low, xs[start + 2 * h])
+        odd = vfma_scalar(odd, high, xs[start + 2 * h + 1])
+    return even, odd
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _rows_q4_16(qt, dt, mt, x, y, t0, t1):  # pragma: no cover - compiled
+    """y[:, 16t:16t + 16] = x @ W.T for tiles t0..t1 of 16 output rows (4-bit values,
+    tiles of width 16), in float32. Two tiles at a time, each with two running sums, so
+    four independent chains of vector FMAs are in flight."""
+    blocks = dt.shape[1]
+    half = qt.shape[1]
+    xs = np.empty(x.shape[1], np.float32)
+    sums = np.empty(blocks, np.float32)
+    qa, da, ma = qt.ctypes.data, dt.ctypes.data, mt.ctypes.data
+    for row in range(x.shape[0]):
+        for b in range(blocks):
+            s = np.float32(0.0)
+            for i in range(b * BLOCK, b * BLOCK + BLOCK):
+                xs[i] = widen(x[row, i])
+                s += xs[i]
+            sums[b] = s
+        ya = y[row].ctypes.data
+        tile = t0
+        while tile < t1:
+            pair = tile + 1 < t1
+            acc0, acc1 = vzero(), vzero()
+            for b in range(blocks):
+                at0 = qa + (tile * half + b * 16) * LANES
+                even0, odd0 = _q4_16_block(at0, xs, b * BLOCK)
+                scales = (tile * blocks + b) * LANES * 4
+                acc0 = vfma(vload(da + scales), vadd(even0, odd0), acc0)
+                acc0 = vfma_scalar(acc0, vload(ma + scales), sums[b])
+                if pair:
+                    even1, odd1 = _q4_16_block(at0 + half * LANES, xs, b * BLOCK)
+                    scales += blocks * LANES * 4
+                    acc1 = vfma(vload(da + scales), vadd(even1, odd1), acc1)
+                    acc1 = vfma_scalar(acc1, vload(ma + scales), sums[b])
+            vstore(ya + tile * LANES * 4, acc0)
+            if pair:
+                vstore(ya + (tile + 1) * LANES * 4, acc1)
+            tile += 2
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - compiled
     """_tiles_matmul for several rows of x: each group of 4 weight rows is widened to
@@ -183,8 +238,11 @@ def _tiles_matmul_rows(qt, dt, mt, x, y, t0, t1, packed):  # pragma: no cover - 
             store_slice(y[row], tile * width, acc[row])
 
 
-def _tile_width(rows: int) -> int:
-    """The tile width with the least padding, the widest among equals."""
+def _tile_width(rows: int, packed: bool) -> int:
+    """16 for 4-bit values in whole tiles of 16 (see `_rows_q4_16`); otherwise the tile
+    width with the least padding, the widest among equals."""
+    if packed and rows % LANES == 0:
+        return LANES
     return min(TILE_WIDTHS, key=lambda w: (-rows % w, -w))
 
 
@@ -224,9 +282,9 @@ class BlockWeight:
         if d.shape != blocks or m.shape != blocks:
             raise ValueError(f"scales must be {blocks}, got {d.shape} and {m.shape}")
         self.out_features, self.in_features = out_features, in_features
-        self.width = _tile_width(out_features)
-        self.q_tiles = _to_tiles(q, self.width)
         self.packed = q.dtype == np.uint8 and int(q.max(initial=0)) < 16
+        self.width = _tile_width(out_features, self.packed)
+        self.q_tiles = _to_tiles(q, self.width)
         if self.packed:
             self.q_tiles = _pack_nibbles(self.q_tiles)
         self.d_tiles = _to_tiles(d.astype(np.float32), self.width)
@@ -338,15 +396,23 @@ class BlockWeight:
                 x.contiguous(), int4[0], BLOCK, int4[1]
             )
         tiles = self.q_tiles.shape[0]
-        y = torch.empty((x.shape[0], tiles * self.width), dtype=x.dtype)
+        vector_tiles = self.packed and self.width == LANES
+        out_dtype = torch.float32 if vector_tiles else x.dtype  # rounded below for bf16
+        y = torch.empty((x.shape[0], tiles * self.width), dtype=out_dtype)
         args = (self.q_tiles, self.d_tiles, self.m_tiles, kernel_view(x.contiguous()))
         args += (kernel_view(y),)
-        kernel = _tiles_matmul if x.shape[0] == 1 else _tiles_matmul_rows
+        if vector_tiles:
+            kernel, after = _rows_q4_16, ()
+        else:
+            kernel = _tiles_matmul if x.shape[0] == 1 else _tiles_matmul_rows
+            after = (self.packed,)
         per_tile = x.shape[0] * self.width * self.in_features
         parts = split_parts(tiles, -(-MIN_PRODUCTS_PER_THREAD // per_tile))
         if parts <= 1:
-            kernel(*args, 0, tiles, self.packed)
+            kernel(*args, 0, tiles, *after)
         else:
             cuts = [tiles * i // parts for i in range(parts + 1)]
-            run_ranges(kernel, cuts, *args, after=(self.packed,))
+            run_ranges(kernel, cuts, *args, after=after)
+        if vector_tiles:
+            return y.to(x.dtype)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features].contiguous()

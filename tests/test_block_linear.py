@@ -25,13 +25,17 @@ def _weight(out: int, inp: int, signed: bool, seed: int = 0) -> BlockWeight:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
-    "out, inp, signed", [(960, 576, False), (100, 64, True), (576, 1536, False)]
+    "out, inp, signed",
+    [(960, 576, False), (100, 64, True), (576, 1536, False), (48, 64, False), (40, 64, False)],
 )
 def test_matmul_equals_the_dense_product(out, inp, signed, threads, monkeypatch):
-    """Any row count (widths that need padding included), split across threads or not."""
+    """Any row count (widths that need padding included), split across threads or not;
+    4-bit weights in tiles of 16 (an odd number of them: 48 rows) and in wider ones (40
+    rows)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
     weight = _weight(out, inp, signed)
+    assert (weight.width == 16) == (not signed and out % 16 == 0)
     dense = weight.dequantize().double()
     for rows in (1, 2, 5):
         x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows))

@@ -48,9 +48,9 @@ MATMUL_DTYPES = (torch.float32, torch.bfloat16)
 # 4-bit weights times bfloat16 rows go through torch's int4 weight-only product, which
 # takes Q4_1 blocks as w = (q - 8) * s + z per 32 inputs with s = d and z = m + 8 d (both
 # rounded to bfloat16, as it requires). One row, one thread, the default model's four
-# products over 30 layers (benchmarks/block_rows.py): 13.6 ms against 26.9 for
-# `_tiles_matmul` and 51.5 for the dense bf16 weights. Its float32 path is a slow
-# reference (13-17x slower than ours, ad hoc), so float32 rows stay on our kernel.
+# products over 30 layers (benchmarks/block_rows.py, session 10's fast phase): 6.8 ms
+# against 9.7 for `_rows_q4_16` and 18.8 for the dense bf16 weights. Its float32 path is
+# a slow reference (13-17x slower than ours, ad hoc), so float32 rows stay on our kernel.
 # Off: every product on our kernel.
 TORCH_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 TORCH_INT4_DTYPES = (torch.bfloat16,)

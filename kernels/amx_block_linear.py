@@ -1,23 +1,28 @@
 """bfloat16 rows times 4-bit quantisation blocks on AMX tiles (Intel CPUs with AMX-BF16).
 
 A Q4_1 weight is w = d * q + m per block of 32 inputs and output column. For each block
-the tile unit computes P = x_b . (128 + q_b) exactly (the values 128 + q are bfloat16
-numbers whose bits are 0x4300 | q, so a nibble becomes a tile operand with two integer
-ops and no conversion) with float32 sums, and the vector unit adds
+the tile unit computes P = x_b . (16 + q_b) with exact products and float32 sums (the
+values 16 + q are bfloat16 numbers whose bits are 0x4180 | q << 3, so a nibble becomes
+a tile operand with three integer ops and no conversion), and the vector unit adds
 
-    y += d * P + (m - 128 d) * sum(x_b)
+    y += d * P + (m - 16 d) * sum(x_b)
 
-So the product is of the exact float32 weights with bfloat16 x; the dense bf16 path
-rounds every weight to bf16 instead. Each weight's 4 bits are read once per call
-whatever the row count (up to 16 rows share one tile pass), so a 16-row product costs
-about what a 1-row one does: ~11.5 ms over the default model's 30 layers on one thread
-against ~19 for the dense bf16 weights (ad hoc, 2026-12-02).
+So the product is of the exact float32 weights; the dense bf16 path rounds every weight
+to bf16 instead. bfloat16 x is multiplied as is; float32 x is split exactly into three
+bf16 planes (8 significant bits each), all three multiplied on the tiles, so the
+product's error is float32 summation's (a few float32 ulps of the largest output).
+
+Each weight's 4 bits are read once per call whatever the row count (up to 16 rows share
+one tile pass), so a 16-row product costs about what a 5-row one does:
+benchmarks/block_rows.py, the default model's four products over 30 layers on one
+thread, 13.4 ms at 16 bf16 rows against 21.7 for the dense bf16 weights and 40.3 for
+torch's int4 kernel.
 
 Layout per 16 output columns (one tile's width) and block: 8 rows of 32 bytes, byte j
 of row p holding tile row 2p's word j in its low nibble and row 2p + 1's in its high
 one, tile row h word j being q[column j // 2, input 2h + j % 2] (the VNNI pairing).
 
-The kernel needs the kernel's permission to use tile data (Linux arch_prctl
+The kernel needs the operating system's permission to use tile data (Linux arch_prctl
 ARCH_REQ_XCOMP_PERM), asked for once on import; where it is refused, or the CPU lacks
 AMX, AVAILABLE is False and callers keep their other paths.
 """
@@ -34,12 +39,13 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, models, register_model
 
-from kernels.bf16 import kernel_view, widen
+from kernels.bf16 import bf16_bits, kernel_view, widen
 from kernels.simd import F32, I64, V16, declare, fma, pointer_at, splat, vec_t, vload
 from kernels.thread_split import run_ranges, split_parts
 
 BLOCK = 32
 TILE_ROWS = 16  # rows of x per tile pass, and output columns per tile
+DTYPES = (torch.bfloat16, torch.float32)
 # Column groups per thread below which splitting costs more than it saves. Handing a
 # range to a pool thread costs more than any of the default model's products takes: 16
 # rows, 30 layers, two threads (ad hoc): 3072 x 576 (192 groups) took 5.0 ms unsplit and
@@ -50,6 +56,11 @@ _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 
 _I16x32 = ir.VectorType(ir.IntType(16), 32)
+# bfloat16 bits 0x4180 | (q << 3) are the number 16 + q for q in 0..15: 16 is the least
+# offset that keeps every 16 + q exact in bfloat16 (8 significant bits), and the least
+# cancellation when the offset's share is taken out again (see _OFFSET).
+_MAGIC = 0x4180
+_OFFSET = 16
 _I16 = ir.IntType(16)
 _BYTES = ir.IntType(8).as_pointer()
 
@@ -111,15 +122,17 @@ def _zero_rows(typingctx):
 @intrinsic
 def _expand_pair(typingctx, source, target):
     """32 bytes at `source` -> tile rows 2p and 2p + 1 (64 bytes each) at `target`, as the
-    bfloat16 numbers 128 + nibble."""
+    bfloat16 numbers 16 + nibble."""
 
     def codegen(context, builder, sig, args):
         source = pointer_at(builder, args[0], 0, ir.VectorType(ir.IntType(8), 32))
         raw = builder.load(source, align=1)
         raw = builder.zext(raw, _I16x32)
-        magic = ir.Constant(_I16x32, [0x4300] * 32)
-        low = builder.or_(builder.and_(raw, ir.Constant(_I16x32, [15] * 32)), magic)
-        high = builder.or_(builder.lshr(raw, ir.Constant(_I16x32, [4] * 32)), magic)
+        magic = ir.Constant(_I16x32, [_MAGIC] * 32)
+        three = ir.Constant(_I16x32, [3] * 32)
+        low = builder.shl(builder.and_(raw, ir.Constant(_I16x32, [15] * 32)), three)
+        high = builder.shl(builder.lshr(raw, ir.Constant(_I16x32, [4] * 32)), three)
+        low, high = builder.or_(low, magic), builder.or_(high, magic)
         builder.store(low, pointer_at(builder, args[1], 0, _I16x32), align=64)
         builder.store(high, pointer_at(builder, args[1], 64, _I16x32), align=64)
         return context.get_dummy_value()
@@ -128,12 +141,15 @@ def _expand_pair(typingctx, source, target):
 
 
 @intrinsic
-def _tile_product(typingctx, product, x_address, x_stride, tile):
-    """P [16, 16] float32 at `product` = x [16 rows of 32 bf16 at x_address, x_stride
-    bytes apart] . the 1 KB tile at `tile`."""
+def _tile_product(typingctx, product, x_address, planes, x_stride, tile):
+    """P [16, 16] float32 at `product` = the sum over the planes (a tuple of byte offsets
+    from x_address) of x [16 rows of 32 bf16 at x_address + offset, x_stride bytes apart]
+    . the 1 KB tile at `tile`."""
+    if not isinstance(planes, types.UniTuple):
+        return None
 
     def codegen(context, builder, sig, args):
-        out, xa, stride, tile_address = args
+        out, xa, offsets, stride, tile_address = args
         rows, width = _I16(TILE_ROWS), _I16(64)
         load = declare(builder, "llvm.x86.tileloadd64.internal", _TILE, [_I16, _I16, _BYTES, I64])
         dot = declare(builder, "llvm.x86.tdpbf16ps.internal", _TILE, [_I16] * 3 + [_TILE] * 3)
@@ -141,13 +157,16 @@ def _tile_product(typingctx, product, x_address, x_stride, tile):
         store_args = [_I16, _I16, _BYTES, I64, _TILE]
         store = declare(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), store_args)
         acc = builder.call(zero, [rows, width])
-        a = builder.call(load, [rows, width, builder.inttoptr(xa, _BYTES), stride])
         b = builder.call(load, [rows, width, builder.inttoptr(tile_address, _BYTES), I64(64)])
-        acc = builder.call(dot, [rows, width, width, acc, a, b])
+        for i in range(planes.count):
+            address = builder.add(xa, builder.extract_value(offsets, i))
+            a = builder.call(load, [rows, width, builder.inttoptr(address, _BYTES), stride])
+            acc = builder.call(dot, [rows, width, width, acc, a, b])
         builder.call(store, [rows, width, builder.inttoptr(out, _BYTES), I64(64), acc])
         return context.get_dummy_value()
 
-    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+    sig = types.void(types.int64, types.int64, planes, types.int64, types.int64)
+    return sig, codegen
 
 
 @intrinsic
@@ -189,6 +208,20 @@ def _store_rows_bf16(typingctx, rows, address, stride):
     return types.void(_rows_t, types.int64, types.int64), codegen
 
 
+@intrinsic
+def _store_rows_f32(typingctx, rows, address, stride):
+    """Store each of the 16 rows (64 bytes) at address + r * stride."""
+
+    def codegen(context, builder, sig, args):
+        acc, base, step = args
+        for r in range(TILE_ROWS):
+            target = builder.add(base, builder.mul(step, I64(r)))
+            builder.store(builder.extract_value(acc, r), builder.inttoptr(target, V16.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(_rows_t, types.int64, types.int64), codegen
+
+
 def _splat32(value: int) -> ir.Constant:
     return ir.Constant(ir.VectorType(ir.IntType(32), 16), [value] * 16)
 
@@ -204,27 +237,51 @@ def _block_sums(x, sums):  # pragma: no cover - compiled
             sums[r, b] = s
 
 
+# Not fastmath: each remainder must be computed as written for the split to be exact.
+@njit(nogil=True, cache=True)
+def _split_planes(x, planes, sums):  # pragma: no cover - compiled
+    """Split float32 x [rows, in] into three bfloat16 planes (bits) whose sum is x exactly
+    (8 significant bits each, 24 in all: the first the nearest bf16, the next two the
+    rounded remainders), and sum each row's blocks of 32 in float32."""
+    for r in range(x.shape[0]):
+        for b in range(sums.shape[1]):
+            s = np.float32(0.0)
+            for i in range(b * BLOCK, b * BLOCK + BLOCK):
+                value = x[r, i]
+                s += value
+                for plane in range(3):
+                    bits = bf16_bits(value)
+                    planes[plane, r, i] = bits
+                    value = value - widen(bits)
+            sums[r, b] = s
+
+
 @njit(nogil=True, fastmath=True, cache=True)
-def _amx_matmul(q, d, shift, x, sums, y, g0, g1):  # pragma: no cover - compiled
-    """y[:, 16g:16g + 16] for column groups g0..g1 (x and y 16 rows, bf16)."""
+def _amx_matmul(q, d, shift, x, planes, sums, y, g0, g1):  # pragma: no cover - compiled
+    """y[:, 16g:16g + 16] for column groups g0..g1: x 16 rows of bf16 bits, summed over
+    `planes` (byte offsets from x's start, see _tile_product); y 16 rows of bf16 bits
+    or of float32."""
     blocks = q.shape[1]
     scratch = np.empty(2048 + 64, np.uint8)  # one tile of weights, one of products
     tile = (scratch.ctypes.data + 63) & ~63
     product = tile + 1024
     qa, da, sa = q.ctypes.data, d.ctypes.data, shift.ctypes.data
     xa, ya, suma = x.ctypes.data, y.ctypes.data, sums.ctypes.data
-    x_stride, y_stride = x.shape[1] * 2, y.shape[1] * 2
+    x_stride, y_stride = x.shape[1] * 2, y.shape[1] * y.itemsize
     for g in range(g0, g1):
         rows = _zero_rows()
         for b in range(blocks):
             source = qa + (g * blocks + b) * 256
             for p in range(8):
                 _expand_pair(source + 32 * p, tile + 128 * p)
-            _tile_product(product, xa + 64 * b, x_stride, tile)
+            _tile_product(product, xa + 64 * b, planes, x_stride, tile)
             at = (g * blocks + b) * 64
             d_b, shift_b = vload(da + at), vload(sa + at)
             rows = _add_scaled(rows, product, d_b, shift_b, suma + 4 * b, blocks * 4)
-        _store_rows_bf16(rows, ya + 32 * g, y_stride)
+        if y.itemsize == 2:
+            _store_rows_bf16(rows, ya + 32 * g, y_stride)
+        else:
+            _store_rows_f32(rows, ya + 64 * g, y_stride)
 
 
 class AmxWeight:
@@ -248,31 +305,39 @@ class AmxWeight:
             return np.ascontiguousarray(a.transpose(0, 2, 1))
 
         self.d = per_group(d)
-        self.shift = per_group(m - np.float32(128) * d.astype(np.float32))
+        self.shift = per_group(m - np.float32(_OFFSET) * d.astype(np.float32))
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.d.nbytes + self.shift.nbytes
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T for bfloat16 x [rows, in], rounded to bfloat16 once."""
-        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"need bfloat16 [rows, {self.in_features}], got {x.dtype} {x.shape}")
+        """x @ weight.T for x [rows, in] in bfloat16 (the result rounded to bfloat16 once)
+        or float32 (split exactly into three bfloat16 planes, each multiplied on the
+        tiles; float32 result)."""
+        if x.dtype not in DTYPES or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"need bfloat16 or float32 [rows, {self.in_features}], got {x.dtype} {x.shape}"
+            )
         rows = x.shape[0]
         padded = -(-rows // TILE_ROWS) * TILE_ROWS
-        y = torch.empty((padded, self.out_features), dtype=torch.bfloat16)
-        if padded != rows:
-            x_padded = x.new_zeros((padded, self.in_features))
-            x_padded[:rows] = x
-            x = x_padded
-        xv, yv = kernel_view(x.contiguous()), kernel_view(y)
-        sums = np.empty((padded, self.in_features // BLOCK), np.float32)
-        _block_sums(xv, sums)
+        y = torch.empty((padded, self.out_features), dtype=x.dtype)
+        sums = np.zeros((padded, self.in_features // BLOCK), np.float32)
+        if x.dtype == torch.bfloat16:
+            if padded != rows:
+                x = torch.cat([x, x.new_zeros((padded - rows, self.in_features))])
+            bits = kernel_view(x.contiguous())[None]
+            _block_sums(bits[0], sums)
+        else:
+            bits = np.zeros((3, padded, self.in_features), np.uint16)
+            _split_planes(kernel_view(x.contiguous()), bits, sums)
+        planes = tuple(i * bits.strides[0] for i in range(bits.shape[0]))
+        yv = kernel_view(y)
         groups = self.out_features // TILE_ROWS
         parts = split_parts(groups, MIN_GROUPS_PER_THREAD)
         for r in range(0, padded, TILE_ROWS):
-            args = (self.q, self.d, self.shift, xv[r : r + TILE_ROWS], sums[r : r + TILE_ROWS])
-            args += (yv[r : r + TILE_ROWS],)
+            args = (self.q, self.d, self.shift, bits[0, r : r + TILE_ROWS], planes)
+            args += (sums[r : r + TILE_ROWS], yv[r : r + TILE_ROWS])
             if parts <= 1:
                 _amx_matmul(*args, 0, groups)
             else:

@@ -64,8 +64,13 @@ TORCH_INT4_MAX_ROWS = 8
 # four products over 30 layers: AMX 13.9 ms at 4 rows, 14.5 at 8, 13.4 at 16; torch's
 # int4 kernel 6.4 at 1 row, 12.2 at 4, 21.8 at 8, 40.3 at 16 (so it keeps up to 4 rows);
 # the dense bf16 weights 18.2-21.7.
+# float32 rows are split exactly into three bf16 planes there, and take AMX from
+# AMX_MIN_ROWS_FLOAT32: same benchmark, float32, AMX 17.2 ms at 2 rows, 18.9 at 4, 22.0
+# at 16; `_rows_q4_16` (row by row) 6.6 at 1 row, 11.1 at 2, 17.9 at 4, 58.4 at 16; the
+# dense float32 weights 35-55.
 AMX = amx_block_linear.AVAILABLE
 AMX_MIN_ROWS = 5
+AMX_MIN_ROWS_FLOAT32 = 5
 AMX_MAX_ROWS = 16
 
 
@@ -364,7 +369,7 @@ class BlockWeight:
     def amx(self, dtype: torch.dtype) -> amx_block_linear.AmxWeight | None:
         """The layout for AMX products with `dtype` rows, made on first use (a Llama model
         makes it at load); None where it does not apply (see AMX)."""
-        if not (AMX and dtype == torch.bfloat16 and self.packed):
+        if not (AMX and dtype in amx_block_linear.DTYPES and self.packed):
             return None
         if self.out_features % amx_block_linear.TILE_ROWS:
             return None
@@ -382,14 +387,17 @@ class BlockWeight:
         """x @ weight.T for x [rows, in] (meant for rows <= max_rows), in x's dtype:
         float32, or bfloat16 (through torch's int4 product for 4-bit weights, else widened
         as read and the float32 result rounded once); bfloat16 rows from AMX_MIN_ROWS
-        up go through AMX tiles where the CPU has them."""
+        and float32 ones from AMX_MIN_ROWS_FLOAT32 up go through AMX tiles where the CPU
+        has them."""
         if x.dtype not in MATMUL_DTYPES or x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(
                 f"need float32 or bfloat16 [rows, {self.in_features}], got {x.dtype} {x.shape}"
             )
         amx = self.amx(x.dtype)
-        if amx is not None and (x.shape[0] >= AMX_MIN_ROWS or self.torch_int4(x.dtype) is None):
-            return amx.matmul(x)
+        if amx is not None:
+            fewest = AMX_MIN_ROWS if x.dtype == torch.bfloat16 else AMX_MIN_ROWS_FLOAT32
+            if x.shape[0] >= fewest or (x.dtype == torch.bfloat16 and not self.torch_int4(x.dtype)):
+                return amx.matmul(x)
         int4 = self.torch_int4(x.dtype)
         if int4 is not None:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -31,7 +31,9 @@ def _weight(out: int, inp: int, signed: bool, seed: int = 0) -> BlockWeight:
 def test_matmul_equals_the_dense_product(out, inp, signed, threads, monkeypatch):
     """Any row count (widths that need padding included), split across threads or not;
     4-bit weights in tiles of 16 (an odd number of them: 48 rows) and in wider ones (40
-    rows)."""
+    rows). Without AMX, which takes float32 rows from two where the CPU has it
+    (tests/test_amx_block_linear.py)."""
+    monkeypatch.setattr(block_linear, "AMX", False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(split, "SPLIT_WORK", threads > 1)
     weight = _weight(out, inp, signed)
@@ -66,9 +68,11 @@ def test_bad_shapes_are_refused():
         _weight(8, 64, True).matmul(torch.zeros(1, 32))
 
 
-def test_linear_uses_blocks_only_for_few_rows_without_grad():
+def test_linear_uses_blocks_only_for_few_rows_without_grad(monkeypatch):
+    """Without AMX (tests/test_amx_block_linear.py has it): float32 blocks for one row."""
     from engine.models.linear import linear
 
+    monkeypatch.setattr(block_linear, "AMX", False)
     weight = _weight(96, 64, False)
     dense = weight.dequantize()
     bias = torch.randn(96)

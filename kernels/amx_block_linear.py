@@ -61,6 +61,8 @@ _I16x32 = ir.VectorType(ir.IntType(16), 32)
 # cancellation when the offset's share is taken out again (see _OFFSET).
 _MAGIC = 0x4180
 _OFFSET = 16
+_MAGIC_HIGH = 0x4380  # 256 + 16 q: the same, exponent 4 higher
+_OFFSET_8BIT = 400  # 272 from the two tiles' offsets, 128 from q's sign
 _I16 = ir.IntType(16)
 _BYTES = ir.IntType(8).as_pointer()
 
@@ -141,15 +143,35 @@ def _expand_pair(typingctx, source, target):
 
 
 @intrinsic
-def _tile_product(typingctx, product, x_address, planes, x_stride, tile):
+def _expand_bytes(typingctx, source, high_target, low_target):
+    """32 bytes u (8-bit values plus 128) at `source` -> one tile row of 256 + 16 * (u >> 4)
+    at `high_target` and one of 16 + (u & 15) at `low_target`, as bfloat16 numbers."""
+
+    def codegen(context, builder, sig, args):
+        source = pointer_at(builder, args[0], 0, ir.VectorType(ir.IntType(8), 32))
+        raw = builder.zext(builder.load(source, align=1), _I16x32)
+        three = ir.Constant(_I16x32, [3] * 32)
+        high = builder.shl(builder.lshr(raw, ir.Constant(_I16x32, [4] * 32)), three)
+        low = builder.shl(builder.and_(raw, ir.Constant(_I16x32, [15] * 32)), three)
+        high = builder.or_(high, ir.Constant(_I16x32, [_MAGIC_HIGH] * 32))
+        low = builder.or_(low, ir.Constant(_I16x32, [_MAGIC] * 32))
+        builder.store(high, pointer_at(builder, args[1], 0, _I16x32), align=64)
+        builder.store(low, pointer_at(builder, args[2], 0, _I16x32), align=64)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _tile_product(typingctx, product, x_address, planes, x_stride, tiles):
     """P [16, 16] float32 at `product` = the sum over the planes (a tuple of byte offsets
-    from x_address) of x [16 rows of 32 bf16 at x_address + offset, x_stride bytes apart]
-    . the 1 KB tile at `tile`."""
-    if not isinstance(planes, types.UniTuple):
+    from x_address) and the tiles (a tuple of addresses of 1 KB tiles) of x [16 rows of 32
+    bf16 at x_address + offset, x_stride bytes apart] . tile."""
+    if not (isinstance(planes, types.UniTuple) and isinstance(tiles, types.UniTuple)):
         return None
 
     def codegen(context, builder, sig, args):
-        out, xa, offsets, stride, tile_address = args
+        out, xa, offsets, stride, tile_addresses = args
         rows, width = _I16(TILE_ROWS), _I16(64)
         load = declare(builder, "llvm.x86.tileloadd64.internal", _TILE, [_I16, _I16, _BYTES, I64])
         dot = declare(builder, "llvm.x86.tdpbf16ps.internal", _TILE, [_I16] * 3 + [_TILE] * 3)
@@ -157,15 +179,21 @@ def _tile_product(typingctx, product, x_address, planes, x_stride, tile):
         store_args = [_I16, _I16, _BYTES, I64, _TILE]
         store = declare(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), store_args)
         acc = builder.call(zero, [rows, width])
-        b = builder.call(load, [rows, width, builder.inttoptr(tile_address, _BYTES), I64(64)])
+        a_tiles = []
         for i in range(planes.count):
             address = builder.add(xa, builder.extract_value(offsets, i))
-            a = builder.call(load, [rows, width, builder.inttoptr(address, _BYTES), stride])
-            acc = builder.call(dot, [rows, width, width, acc, a, b])
+            a_tiles.append(
+                builder.call(load, [rows, width, builder.inttoptr(address, _BYTES), stride])
+            )
+        for j in range(tiles.count):
+            address = builder.inttoptr(builder.extract_value(tile_addresses, j), _BYTES)
+            b = builder.call(load, [rows, width, address, I64(64)])
+            for a in a_tiles:
+                acc = builder.call(dot, [rows, width, width, acc, a, b])
         builder.call(store, [rows, width, builder.inttoptr(out, _BYTES), I64(64), acc])
         return context.get_dummy_value()
 
-    sig = types.void(types.int64, types.int64, planes, types.int64, types.int64)
+    sig = types.void(types.int64, types.int64, planes, types.int64, tiles)
     return sig, codegen
 
 
@@ -261,20 +289,26 @@ def _amx_matmul(q, d, shift, x, planes, sums, y, g0, g1):  # pragma: no cover - 
     """y[:, 16g:16g + 16] for column groups g0..g1: x 16 rows of bf16 bits, summed over
     `planes` (byte offsets from x's start, see _tile_product); y 16 rows of bf16 bits
     or of float32."""
-    blocks = q.shape[1]
-    scratch = np.empty(2048 + 64, np.uint8)  # one tile of weights, one of products
+    blocks, eight_bit = q.shape[1], q.shape[2] == TILE_ROWS
+    scratch = np.empty(3072 + 64, np.uint8)  # two tiles of weights, one of products
     tile = (scratch.ctypes.data + 63) & ~63
-    product = tile + 1024
+    low_tile, product = tile + 1024, tile + 2048
+    block_bytes = q.shape[2] * q.shape[3]
     qa, da, sa = q.ctypes.data, d.ctypes.data, shift.ctypes.data
     xa, ya, suma = x.ctypes.data, y.ctypes.data, sums.ctypes.data
     x_stride, y_stride = x.shape[1] * 2, y.shape[1] * y.itemsize
     for g in range(g0, g1):
         rows = _zero_rows()
         for b in range(blocks):
-            source = qa + (g * blocks + b) * 256
-            for p in range(8):
-                _expand_pair(source + 32 * p, tile + 128 * p)
-            _tile_product(product, xa + 64 * b, planes, x_stride, tile)
+            source = qa + (g * blocks + b) * block_bytes
+            if eight_bit:
+                for h in range(TILE_ROWS):
+                    _expand_bytes(source + 32 * h, tile + 64 * h, low_tile + 64 * h)
+                _tile_product(product, xa + 64 * b, planes, x_stride, (tile, low_tile))
+            else:
+                for p in range(8):
+                    _expand_pair(source + 32 * p, tile + 128 * p)
+                _tile_product(product, xa + 64 * b, planes, x_stride, (tile,))
             at = (g * blocks + b) * 64
             d_b, shift_b = vload(da + at), vload(sa + at)
             rows = _add_scaled(rows, product, d_b, shift_b, suma + 4 * b, blocks * 4)
@@ -285,27 +319,41 @@ def _amx_matmul(q, d, shift, x, planes, sums, y, g0, g1):  # pragma: no cover - 
 
 
 class AmxWeight:
-    """A [out, in] 4-bit block weight (q 0..15, d, m per 32 inputs) laid out for
-    `matmul`; out a multiple of 16."""
+    """A [out, in] block weight laid out for `matmul`: 4-bit (q uint8 0..15, w = d q + m
+    per 32 inputs) or 8-bit (q int8, w = d q); out a multiple of 16.
 
-    def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> None:
+    An 8-bit block takes two tiles, 256 + 16 * (u >> 4) and 16 + (u & 15) for u = q + 128
+    (each exact in bfloat16), whose products sum to x . (u + 272) = x . q + 400 sum(x)."""
+
+    def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> None:
         out_features, in_features = q.shape
         if out_features % TILE_ROWS or in_features % BLOCK:
             raise ValueError(f"need [16*i, 32*j] values, got {q.shape}")
         groups, blocks = out_features // TILE_ROWS, in_features // BLOCK
         self.out_features, self.in_features = out_features, in_features
-        # [group, column, block, pair, row of pair, input of row] -> [group, block, pair,
-        # row of pair, word j = 2 * column + input]
-        g = q.astype(np.uint8).reshape(groups, TILE_ROWS, blocks, 8, 2, 2)
-        g = g.transpose(0, 2, 3, 4, 1, 5).reshape(groups, blocks, 8, 2, 32)
-        self.q = np.ascontiguousarray(g[..., 0, :] | (g[..., 1, :] << 4))
+        eight_bit = q.dtype == np.int8
+        if eight_bit:
+            # [group, column, block, tile row, input of row] -> [group, block, tile row,
+            # word j = 2 * column + input]
+            u = (q.astype(np.int16) + 128).astype(np.uint8)
+            g = u.reshape(groups, TILE_ROWS, blocks, TILE_ROWS, 2).transpose(0, 2, 3, 1, 4)
+            self.q = np.ascontiguousarray(g.reshape(groups, blocks, TILE_ROWS, 32))
+        else:
+            # [group, column, block, pair, row of pair, input of row] -> [group, block,
+            # pair, row of pair, word j = 2 * column + input]
+            g = q.astype(np.uint8).reshape(groups, TILE_ROWS, blocks, 8, 2, 2)
+            g = g.transpose(0, 2, 3, 4, 1, 5).reshape(groups, blocks, 8, 2, 32)
+            self.q = np.ascontiguousarray(g[..., 0, :] | (g[..., 1, :] << 4))
+        if m is None:
+            m = np.zeros_like(d)
+        offset = _OFFSET_8BIT if eight_bit else _OFFSET
 
         def per_group(a: np.ndarray) -> np.ndarray:
             a = a.astype(np.float32).reshape(groups, TILE_ROWS, blocks)
             return np.ascontiguousarray(a.transpose(0, 2, 1))
 
         self.d = per_group(d)
-        self.shift = per_group(m - np.float32(_OFFSET) * d.astype(np.float32))
+        self.shift = per_group(m - np.float32(offset) * d.astype(np.float32))
 
     @property
     def nbytes(self) -> int:

@@ -71,6 +71,10 @@ TORCH_INT4_MAX_ROWS = 8
 AMX = amx_block_linear.AVAILABLE
 AMX_MIN_ROWS = 5
 AMX_MIN_ROWS_FLOAT32 = 5
+# 8-bit blocks (the default model's tied embedding as LM head, 49152 x 576), ad hoc, one
+# thread: float32 rows AMX 5.0 ms at 2 rows, 6.4 at 16, dense 8.3 and 13.0 (one row: ours
+# 5.3); bfloat16 rows AMX 3.7 ms, dense 3.2-3.4 at 2-16 rows, so they stay dense.
+AMX_MIN_ROWS_8BIT = 2
 AMX_MAX_ROWS = 16
 
 
@@ -368,18 +372,36 @@ class BlockWeight:
 
     def amx(self, dtype: torch.dtype) -> amx_block_linear.AmxWeight | None:
         """The layout for AMX products with `dtype` rows, made on first use (a Llama model
-        makes it at load); None where it does not apply (see AMX)."""
-        if not (AMX and dtype in amx_block_linear.DTYPES and self.packed):
-            return None
-        if self.out_features % amx_block_linear.TILE_ROWS:
+        makes it at load); None where they do not apply (see `amx_rows`)."""
+        if self.amx_rows(dtype) is None:
             return None
         if self._amx is None:
             self._amx = amx_block_linear.AmxWeight(*self.blocks())
         return self._amx
 
+    def _int4_missing(self, dtype: torch.dtype) -> bool:
+        """bf16 rows of 4-bit blocks that torch's int4 product cannot take (AMX takes
+        them all then)."""
+        return dtype == torch.bfloat16 and self.packed and self.torch_int4(dtype) is None
+
+    def amx_rows(self, dtype: torch.dtype) -> tuple[int, int] | None:
+        """The fewest and most rows of `dtype` that go through AMX, or None: 4-bit blocks
+        in whole tiles of 16 outputs, and 8-bit ones with float32 rows (with bf16 rows
+        the dense weights are faster, see AMX_MIN_ROWS_8BIT)."""
+        if not AMX or dtype not in amx_block_linear.DTYPES:
+            return None
+        if self.out_features % amx_block_linear.TILE_ROWS:
+            return None
+        if self.packed:
+            fewest = AMX_MIN_ROWS if dtype == torch.bfloat16 else AMX_MIN_ROWS_FLOAT32
+            return fewest, AMX_MAX_ROWS
+        if self.q_tiles.dtype == np.int8 and dtype == torch.float32:
+            return AMX_MIN_ROWS_8BIT, AMX_MAX_ROWS
+        return None
+
     def max_rows(self, dtype: torch.dtype) -> int:
         """Rows of `dtype` up to which products from the blocks beat the dense weight."""
-        if self.amx(dtype) is not None:
+        if self.amx_rows(dtype) is not None:
             return AMX_MAX_ROWS
         return TORCH_INT4_MAX_ROWS if self.torch_int4(dtype) is not None else MAX_ROWS
 
@@ -393,11 +415,9 @@ class BlockWeight:
             raise ValueError(
                 f"need float32 or bfloat16 [rows, {self.in_features}], got {x.dtype} {x.shape}"
             )
-        amx = self.amx(x.dtype)
-        if amx is not None:
-            fewest = AMX_MIN_ROWS if x.dtype == torch.bfloat16 else AMX_MIN_ROWS_FLOAT32
-            if x.shape[0] >= fewest or (x.dtype == torch.bfloat16 and not self.torch_int4(x.dtype)):
-                return amx.matmul(x)
+        span = self.amx_rows(x.dtype)
+        if span is not None and (x.shape[0] >= span[0] or self._int4_missing(x.dtype)):
+            return self.amx(x.dtype).matmul(x)
         int4 = self.torch_int4(x.dtype)
         if int4 is not None:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(

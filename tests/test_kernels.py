@@ -306,3 +306,26 @@ def test_decode_attention_exp_matches_libm_over_softmax_range():
     want = np.exp(np.maximum(x.astype(np.float64), -87.0))
     assert np.all(np.abs(got / want - 1.0) < 1e-6)
     assert np.all(np.isfinite(got)) and np.all(got > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq, hkv", [(9, 3), (4, 4)])
+def test_score_keys_reads_each_heads_rows_in_place(dtype, hq, hkv):
+    """Scores against host keys that are a view of a larger buffer (the tiered cache's
+    layout): each query head against its GQA group's KV head, in float32."""
+    from kernels.decode_attention import score_keys
+
+    gen = torch.Generator().manual_seed(hq)
+    buffer = torch.randn(hkv, 700, 64, generator=gen).to(dtype)
+    keys = buffer[:, :500]
+    q = torch.randn(hq, 64, generator=gen)
+    got = score_keys(q, keys)
+    group = hq // hkv
+    want = torch.einsum("hgd,hnd->hgn", q.double().view(hkv, group, 64), keys.double()).reshape(
+        hq, 500
+    )
+    assert got.dtype == torch.float32 and got.shape == (hq, 500)
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+    assert score_keys(q, buffer[:, :0]).shape == (hq, 0)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        score_keys(q, buffer.transpose(1, 2))

@@ -1,4 +1,5 @@
-"""bfloat16 rows times 4-bit quantisation blocks on AMX tiles (Intel CPUs with AMX-BF16).
+"""bfloat16 or float32 rows times 4- or 8-bit quantisation blocks on AMX tiles (Intel
+CPUs with AMX-BF16).
 
 A Q4_1 weight is w = d * q + m per block of 32 inputs and output column. For each block
 the tile unit computes P = x_b . (16 + q_b) with exact products and float32 sums (the
@@ -21,6 +22,8 @@ torch's int4 kernel.
 Layout per 16 output columns (one tile's width) and block: 8 rows of 32 bytes, byte j
 of row p holding tile row 2p's word j in its low nibble and row 2p + 1's in its high
 one, tile row h word j being q[column j // 2, input 2h + j % 2] (the VNNI pairing).
+8-bit blocks (Q8_0, w = d * q) keep one byte a weight in the same word order, 16 rows
+of 32 bytes, and take two tiles (see AmxWeight).
 
 The kernel needs the operating system's permission to use tile data (Linux arch_prctl
 ARCH_REQ_XCOMP_PERM), asked for once on import; where it is refused, or the CPU lacks
@@ -254,30 +257,20 @@ def _splat32(value: int) -> ir.Constant:
     return ir.Constant(ir.VectorType(ir.IntType(32), 16), [value] * 16)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
-def _block_sums(x, sums):  # pragma: no cover - compiled
-    """sums[r, b] = sum of bf16 x[r, 32b:32b + 32] in float32."""
-    for r in range(x.shape[0]):
-        for b in range(sums.shape[1]):
-            s = np.float32(0.0)
-            for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                s += widen(x[r, i])
-            sums[r, b] = s
-
-
 # Not fastmath: each remainder must be computed as written for the split to be exact.
 @njit(nogil=True, cache=True)
 def _split_planes(x, planes, sums):  # pragma: no cover - compiled
-    """Split float32 x [rows, in] into three bfloat16 planes (bits) whose sum is x exactly
-    (8 significant bits each, 24 in all: the first the nearest bf16, the next two the
-    rounded remainders), and sum each row's blocks of 32 in float32."""
+    """Write x [rows, in] (float32, or bfloat16 bits) into planes [1 or 3, rows or more,
+    in] of bfloat16 bits whose sum is x: one plane holds a bf16 x as is; three hold a
+    float32 x exactly (8 significant bits each, 24 in all: the nearest bf16, then the
+    rounded remainders). sums[r, b] = the sum of x[r]'s b-th block of 32, in float32."""
     for r in range(x.shape[0]):
         for b in range(sums.shape[1]):
             s = np.float32(0.0)
             for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                value = x[r, i]
+                value = widen(x[r, i])
                 s += value
-                for plane in range(3):
+                for plane in range(planes.shape[0]):
                     bits = bf16_bits(value)
                     planes[plane, r, i] = bits
                     value = value - widen(bits)
@@ -370,15 +363,11 @@ class AmxWeight:
         rows = x.shape[0]
         padded = -(-rows // TILE_ROWS) * TILE_ROWS
         y = torch.empty((padded, self.out_features), dtype=x.dtype)
+        # rows past x's stay zero: a whole tile pass reads them
         sums = np.zeros((padded, self.in_features // BLOCK), np.float32)
-        if x.dtype == torch.bfloat16:
-            if padded != rows:
-                x = torch.cat([x, x.new_zeros((padded - rows, self.in_features))])
-            bits = kernel_view(x.contiguous())[None]
-            _block_sums(bits[0], sums)
-        else:
-            bits = np.zeros((3, padded, self.in_features), np.uint16)
-            _split_planes(kernel_view(x.contiguous()), bits, sums)
+        count = 1 if x.dtype == torch.bfloat16 else 3
+        bits = np.zeros((count, padded, self.in_features), np.uint16)
+        _split_planes(kernel_view(x.contiguous()), bits, sums)
         planes = tuple(i * bits.strides[0] for i in range(bits.shape[0]))
         yv = kernel_view(y)
         groups = self.out_features // TILE_ROWS

@@ -358,9 +358,7 @@ class BlockWeight:
         """(packed values, scales and zeros) for torch's int4 product with `dtype` rows, made
         on first use (a Llama model makes it at load, in pack_weights); None where it
         does not apply (see TORCH_INT4)."""
-        if not (TORCH_INT4 and dtype in TORCH_INT4_DTYPES and self.packed):
-            return None
-        if self.out_features % 16:  # the packing's requirement
+        if not self._int4_applies(dtype):
             return None
         if self._int4 is None:  # only one dtype takes it, so one packing serves
             q, d, m = self.blocks()
@@ -370,19 +368,22 @@ class BlockWeight:
             self._int4 = (packed, torch.stack([scale, zero], -1).to(dtype).contiguous())
         return self._int4
 
+    def _int4_applies(self, dtype: torch.dtype) -> bool:
+        """Whether torch's int4 product takes `dtype` rows of these blocks (see TORCH_INT4;
+        16 | out is the packing's requirement)."""
+        return (
+            TORCH_INT4 and dtype in TORCH_INT4_DTYPES and self.packed and not self.out_features % 16
+        )
+
     def amx(self, dtype: torch.dtype) -> amx_block_linear.AmxWeight | None:
         """The layout for AMX products with `dtype` rows, made on first use (a Llama model
         makes it at load); None where they do not apply (see `amx_rows`)."""
-        if self.amx_rows(dtype) is None:
-            return None
+        return None if self.amx_rows(dtype) is None else self._amx_layout()
+
+    def _amx_layout(self) -> amx_block_linear.AmxWeight:
         if self._amx is None:
             self._amx = amx_block_linear.AmxWeight(*self.blocks())
         return self._amx
-
-    def _int4_missing(self, dtype: torch.dtype) -> bool:
-        """bf16 rows of 4-bit blocks that torch's int4 product cannot take (AMX takes
-        them all then)."""
-        return dtype == torch.bfloat16 and self.packed and self.torch_int4(dtype) is None
 
     def amx_rows(self, dtype: torch.dtype) -> tuple[int, int] | None:
         """The fewest and most rows of `dtype` that go through AMX, or None: 4-bit blocks
@@ -393,8 +394,10 @@ class BlockWeight:
         if self.out_features % amx_block_linear.TILE_ROWS:
             return None
         if self.packed:
-            fewest = AMX_MIN_ROWS if dtype == torch.bfloat16 else AMX_MIN_ROWS_FLOAT32
-            return fewest, AMX_MAX_ROWS
+            if dtype == torch.float32:
+                return AMX_MIN_ROWS_FLOAT32, AMX_MAX_ROWS
+            # below AMX_MIN_ROWS torch's int4 product is faster, where it applies
+            return (AMX_MIN_ROWS if self._int4_applies(dtype) else 1), AMX_MAX_ROWS
         if self.q_tiles.dtype == np.int8 and dtype == torch.float32:
             return AMX_MIN_ROWS_8BIT, AMX_MAX_ROWS
         return None
@@ -416,8 +419,8 @@ class BlockWeight:
                 f"need float32 or bfloat16 [rows, {self.in_features}], got {x.dtype} {x.shape}"
             )
         span = self.amx_rows(x.dtype)
-        if span is not None and (x.shape[0] >= span[0] or self._int4_missing(x.dtype)):
-            return self.amx(x.dtype).matmul(x)
+        if span is not None and x.shape[0] >= span[0]:
+            return self._amx_layout().matmul(x)
         int4 = self.torch_int4(x.dtype)
         if int4 is not None:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(

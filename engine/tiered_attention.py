@@ -4,7 +4,9 @@ Prefill (a chunk of several tokens) is exact: the chunk's queries attend to the 
 tier, the device tier and, causally, to the chunk itself; the host and device parts are
 computed separately and merged by log-sum-exp. Decode (one token) in retrieval mode
 attends exactly to the device tier (sinks + window + the new token) and to the top-k host
-keys the retriever finds for each query head, merging the two. Streaming mode keeps no
+keys the retriever finds for each query head, merging the two (with the exact retriever
+on the CPU, one kernel scores the host tier, picks each head's top-k and attends to them
+with the device tier: kernels.retrieval_decode). Streaming mode keeps no
 host tier: every query sees the sinks and its W preceding tokens (StreamingLLM).
 
 A slice with one new token is a decode: the backend cannot tell a one-token prefill chunk
@@ -27,6 +29,7 @@ import torch
 from engine.attention_backend import AttentionBackend, CacheShape
 from engine.forward_context import ForwardContext, SequenceSlice
 from engine.tiered_cache import (
+    ExactRetriever,
     HostRetriever,
     RetrieverFactory,
     TierConfig,
@@ -41,6 +44,7 @@ from kernels import (
     partial_attention,
 )
 from kernels.decode_attention import KERNEL_DTYPES, decode_attention
+from kernels.retrieval_decode import retrieval_decode_attention
 from kernels.thread_split import run_ranges, split_parts
 
 MODES = ("retrieval", "streaming")
@@ -80,6 +84,8 @@ class TieredAttentionBackend(AttentionBackend):
         self._snapshots: dict[int, TieredSnapshot] = {}
         self._retired = dict.fromkeys(_COUNTERS, 0)
         self._kernel_ok = shape.device.type == "cpu" and shape.dtype in KERNEL_DTYPES
+        # An exact retriever's top-k is found by the decode kernel itself.
+        self._exact_host = retriever_factory in (None, ExactRetriever)
 
     # -- cache lifecycle ------------------------------------------------------------------
 
@@ -230,6 +236,10 @@ class TieredAttentionBackend(AttentionBackend):
         rows = torch.tensor([s.start for s in slices], device=q.device)
         qd, kd, vd = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
         lens = [s.cache.device_len(s.num_cached) for s in slices]
+        if self._kernel_ok and self.config.keep_host and self._exact_host:
+            o, lse = self._retrieval_attention(layer, slices, lens, qd, kd, vd, scale)
+            self._append_and_write(layer, slices, kd, vd, o, rows, out)
+            return
         if self._kernel_ok:
             o, lse = self._device_attention(layer, slices, lens, qd, kd, vd, scale)
         else:
@@ -243,24 +253,34 @@ class TieredAttentionBackend(AttentionBackend):
                 o_m, lse_m = merge_partials(o[pick], lse[pick], o2.to(q.device), lse2.to(q.device))
                 o[pick] = o_m
 
+        self._append_and_write(layer, slices, kd, vd, o, rows, out)
+
+    def _append_and_write(
+        self,
+        layer: int,
+        slices: list[SequenceSlice],
+        kd: torch.Tensor,
+        vd: torch.Tensor,
+        o: torch.Tensor,
+        rows: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        """Store each sequence's new K/V row and write its attention output."""
         for i, s in enumerate(slices):
             s.cache.append(layer, kd[i].unsqueeze(1), vd[i].unsqueeze(1), s.num_cached)
         out.index_copy_(0, rows, o.to(out.dtype))
 
-    def _device_attention(
+    def _device_segments(
         self,
         layer: int,
         slices: list[SequenceSlice],
         lens: list[int],
-        qd: torch.Tensor,
         kd: torch.Tensor,
         vd: torch.Tensor,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sequence's filled device slots plus its new token, by the CPU kernel,
-        which reads the device buffers in place (attention ignores the slot order)."""
+    ) -> tuple[np.ndarray, ...]:
+        """Each sequence's filled device slots and then its new row (kd, vd [B, Hkv, D],
+        contiguous), as the decode kernels' segments (start, k, v, stride, length)."""
         bsz, hkv, d = kd.shape
-        kd, vd = kd.contiguous(), vd.contiguous()
         row_bytes = hkv * d * kd.element_size()
         new_rows = np.arange(bsz, dtype=np.int64) * row_bytes
         seg_k = np.empty(2 * bsz, dtype=np.int64)
@@ -275,9 +295,71 @@ class TieredAttentionBackend(AttentionBackend):
         seg_len = np.ones(2 * bsz, dtype=np.int64)
         seg_len[0::2] = lens
         seg_start = np.arange(0, 2 * bsz + 1, 2, dtype=np.int64)
-        return decode_attention(
-            qd, kd, vd, seg_start, seg_k, seg_v, seg_stride, seg_len, scale, append=False
+        return seg_start, seg_k, seg_v, seg_stride, seg_len
+
+    def _host_segments(
+        self, layer: int, slices: list[SequenceSlice], num_q_heads: int
+    ) -> tuple[np.ndarray, ...]:
+        """Each sequence's host runs (shared segments, then its own) as kernel segments,
+        counting the search on the sequence's retriever as a scan of every host row."""
+        start, k_addr, v_addr, stride, length = [0], [], [], [], []
+        for s in slices:
+            cache: TieredCache = s.cache
+            runs = [(seg.host_k, seg.host_v, seg.host_len) for seg in cache.shared]
+            runs.append((cache.host_k, cache.host_v, cache.host_len))
+            rows = 0
+            for keys, values, lens in runs:
+                if n := lens[layer]:
+                    k_addr.append(keys[layer].data_ptr())
+                    v_addr.append(values[layer].data_ptr())
+                    stride.append(keys[layer].stride(0))
+                    length.append(n)
+                    rows += n
+            start.append(len(length))
+            if rows:
+                if cache.retriever is None:
+                    cache.retriever = cache.retriever_factory(cache)
+                cache.retriever.count_scan(num_q_heads, rows)
+        return tuple(np.asarray(x, dtype=np.int64) for x in (start, k_addr, v_addr, stride, length))
+
+    def _retrieval_attention(
+        self,
+        layer: int,
+        slices: list[SequenceSlice],
+        lens: list[int],
+        qd: torch.Tensor,
+        kd: torch.Tensor,
+        vd: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device rows plus each query head's exact top-k host rows, by one CPU kernel
+        that scores the host tier in place (the exact retriever's search, fused)."""
+        kd, vd = kd.contiguous(), vd.contiguous()
+        return retrieval_decode_attention(
+            qd,
+            self.shape.num_kv_heads,
+            self.shape.dtype,
+            self._device_segments(layer, slices, lens, kd, vd),
+            self._host_segments(layer, slices, qd.shape[1]),
+            self.top_k,
+            scale,
         )
+
+    def _device_attention(
+        self,
+        layer: int,
+        slices: list[SequenceSlice],
+        lens: list[int],
+        qd: torch.Tensor,
+        kd: torch.Tensor,
+        vd: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's filled device slots plus its new token, by the CPU kernel,
+        which reads the device buffers in place (attention ignores the slot order)."""
+        kd, vd = kd.contiguous(), vd.contiguous()
+        segments = self._device_segments(layer, slices, lens, kd, vd)
+        return decode_attention(qd, kd, vd, *segments, scale, append=False)
 
     def _padded_device_attention(
         self,

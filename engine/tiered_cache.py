@@ -76,6 +76,12 @@ class HostRetriever(ABC):
     def search(self, layer: int, q: torch.Tensor, k: int) -> torch.Tensor:
         """Row indices [Hq, k'] (long, k' <= k, -1 = padding) for queries q [Hq, D]."""
 
+    def count_scan(self, queries: int, rows: int) -> None:
+        """Count a search of `queries` query vectors that scored all `rows` host rows."""
+        self.queries += queries
+        self.scanned += queries * rows
+        self.candidates += queries * rows
+
     def nbytes(self) -> int:
         """Memory the index holds beyond the host tier itself."""
         return 0
@@ -115,9 +121,7 @@ class ExactRetriever(HostRetriever):
         else:  # in the keys' own dtype: upcasting would copy the host tier per search
             scores = torch.bmm(q.to(keys.dtype).view(hkv, hq // hkv, d), keys.transpose(1, 2))
             idx = scores.view(hq, n).topk(min(k, n), dim=-1).indices
-        self.queries += hq
-        self.scanned += hq * n
-        self.candidates += hq * n
+        self.count_scan(hq, n)
         return idx
 
     def free(self) -> None:

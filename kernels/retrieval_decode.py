@@ -28,6 +28,7 @@ from kernels.decode_attention import (
     _add_weighted_rows,
     _f32_at,
     _prefer_512_bit_vectors,
+    _prefetch,
     _score_rows,
     _softmax_rows,
     _split_points,
@@ -204,6 +205,17 @@ def _retrieval_segments(
                 for t in range(kk):
                     scores[g, n_dev + t] = chosen_vals[t]
                     m = max(m, chosen_vals[t])
+                    # The value rows are scattered: ask for all of them now, so they
+                    # arrive while the softmax and the device rows are computed.
+                    row = chosen_ids[g, t]
+                    s = host_start[b]
+                    while row >= host_len[s]:  # which host segment holds the row
+                        row -= host_len[s]
+                        s += 1
+                    address = host_v[s] + itemsize * (h * host_stride[s] + row * d)
+                    chosen_ids[g, t] = address
+                    for line in range(0, row_bytes, 64):
+                        _prefetch(address + line)
                 maxes[g] = m
         _softmax_rows(scores, n_dev + kk, maxes, den, exp_bits)
         acc_out[:] = 0.0
@@ -218,14 +230,9 @@ def _retrieval_segments(
                 _add_weighted_rows(values16, scores, j, acc_out)
             j += ns
         for g in range(group):
-            for t in range(kk):
-                row = chosen_ids[g, t]
-                s = host_start[b]
-                while row >= host_len[s]:  # which host segment holds the row
-                    row -= host_len[s]
-                    s += 1
-                address = host_v[s] + itemsize * (h * host_stride[s] + row * d)
-                _add_chosen_rows(address, row_bytes, scores[g, n_dev + t], acc_out[g], itemsize)
+            for t in range(kk):  # chosen_ids now holds the value rows' addresses
+                _add_chosen_rows(chosen_ids[g, t], row_bytes, scores[g, n_dev + t], acc_out[g],
+                                 itemsize)  # fmt: skip
         for g in range(group):
             lse[b, h * group + g] = maxes[g] + np.log(den[g])
             for i in range(d):

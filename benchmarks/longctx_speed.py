@@ -182,19 +182,11 @@ def render(rows: list[dict], args: argparse.Namespace, peers: dict[str, str]) ->
             f"| {r['decode_ms']:.1f} | {r.get('device_bytes', 0) / 1024:.0f} "
             f"| {r.get('host_bytes', 0) / 1024:.0f} | {'' if build is None else f'{build:.1f}'} |"
         )
-    lines += ["", "Decode ratios, batch 1 (ours / peer ms per token; < 1 is faster):", ""]
     b1 = {(r["system"], r["context"]): r for r in rows if r["batch"] == 1}
     others = [s for s in ("transformers", "llama.cpp") if any(k[0] == s for k in b1)]
-    lines.append("| system | context | " + " | ".join(f"vs {p}" for p in others) + " |")
-    lines.append("|---|---:|" + "---:|" * len(others))
-    for (system, ctx), r in sorted(b1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if system not in MODES:
-            continue
-        cells = []
-        for p in others:
-            peer = b1.get((p, ctx))
-            cells.append(f"{r['decode_ms'] / peer['decode_ms']:.2f}x" if peer else "-")
-        lines.append(f"| {system} | {ctx} | " + " | ".join(cells) + " |")
+    if others:
+        lines += ["", "Decode ratios, batch 1 (ours / peer ms per token; < 1 is faster):", ""]
+        lines += _ratio_table(b1, others)
     contexts = sorted({r["context"] for r in rows})
     retrieval = {r["context"]: r["decode_ms"] for r in rows if r["system"] == "retrieval"
                  and r["batch"] == 1}  # fmt: skip
@@ -206,6 +198,22 @@ def render(rows: list[dict], args: argparse.Namespace, peers: dict[str, str]) ->
     for system, why in peers.items():
         lines += ["", f"{system}: {why}"]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_table(b1: dict, others: list[str]) -> list[str]:
+    """Each of our modes' batch-1 decode against each peer, by context."""
+    lines: list[str] = []
+    lines.append("| system | context | " + " | ".join(f"vs {p}" for p in others) + " |")
+    lines.append("|---|---:|" + "---:|" * len(others))
+    for (system, ctx), r in sorted(b1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if system not in MODES:
+            continue
+        cells = []
+        for p in others:
+            peer = b1.get((p, ctx))
+            cells.append(f"{r['decode_ms'] / peer['decode_ms']:.2f}x" if peer else "-")
+        lines.append(f"| {system} | {ctx} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:

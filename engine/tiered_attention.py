@@ -236,7 +236,8 @@ class TieredAttentionBackend(AttentionBackend):
         rows = torch.tensor([s.start for s in slices], device=q.device)
         qd, kd, vd = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
         lens = [s.cache.device_len(s.num_cached) for s in slices]
-        if self._kernel_ok and self.config.keep_host and self._exact_host:
+        fused = self._kernel_ok and self.config.keep_host and self._exact_host
+        if fused and any(s.cache.total_host_len(layer) for s in slices):
             o, lse = self._retrieval_attention(layer, slices, lens, qd, kd, vd, scale)
             self._append_and_write(layer, slices, kd, vd, o, rows, out)
             return

@@ -282,6 +282,44 @@ def _add_weighted_rows(values, scores, j, acc_out):
         _add_weighted_rows_1(values, scores[g], j, acc_out[g])
 
 
+@njit(inline="always", fastmath=True)
+def _score_segments(seg_k, seg_v, seg_stride, seg_len, first, end, h, qs, scores, maxes,
+                    itemsize):  # fmt: skip
+    """_score_rows over KV head h of segments first .. end - 1, their rows one after
+    another in scores (the value rows at seg_v are prefetched alongside)."""
+    d = qs.shape[1]
+    j = 0
+    for s in range(first, end):
+        ns = seg_len[s]
+        offset = itemsize * h * seg_stride[s]
+        if itemsize == 4:
+            keys = carray(_f32_at(seg_k[s] + offset), (ns, d))
+            _score_rows(keys, seg_v[s] + offset, qs, scores, maxes, j)
+        else:
+            keys16 = carray(_u16_at(seg_k[s] + offset), (ns, d))
+            _score_rows(keys16, seg_v[s] + offset, qs, scores, maxes, j)
+        j += ns
+
+
+@njit(inline="always", fastmath=True)
+def _add_weighted_segments(seg_v, seg_stride, seg_len, first, end, h, scores, acc_out,
+                           itemsize):  # fmt: skip
+    """_add_weighted_rows over KV head h of segments first .. end - 1 (the rows scored
+    by `_score_segments`)."""
+    d = acc_out.shape[1]
+    j = 0
+    for s in range(first, end):
+        ns = seg_len[s]
+        offset = itemsize * h * seg_stride[s]
+        if itemsize == 4:
+            values = carray(_f32_at(seg_v[s] + offset), (ns, d))
+            _add_weighted_rows(values, scores, j, acc_out)
+        else:
+            values16 = carray(_u16_at(seg_v[s] + offset), (ns, d))
+            _add_weighted_rows(values16, scores, j, acc_out)
+        j += ns
+
+
 @njit(**_JIT)
 def _decode_segments(
     q, k_new, v_new, seg_start, seg_k, seg_v, seg_stride, seg_len, out, lse, scale, lo, hi,
@@ -320,28 +358,12 @@ def _decode_segments(
             for i in range(d):
                 qs[g, i] = widen(q[b, h * group + g, i]) * scale
         maxes[:] = -np.inf
-        j = 0
-        for s in range(first, last + 1):
-            ns = seg_len[s]
-            if itemsize == 4:
-                keys = carray(_f32_at(seg_k[s] + 4 * h * seg_stride[s]), (ns, d))
-                _score_rows(keys, seg_v[s] + 4 * h * seg_stride[s], qs, scores, maxes, j)
-            else:
-                keys16 = carray(_u16_at(seg_k[s] + 2 * h * seg_stride[s]), (ns, d))
-                _score_rows(keys16, seg_v[s] + 2 * h * seg_stride[s], qs, scores, maxes, j)
-            j += ns
+        _score_segments(seg_k, seg_v, seg_stride, seg_len, first, last + 1, h, qs, scores,
+                        maxes, itemsize)  # fmt: skip
         _softmax_rows(scores, n, maxes, den, exp_bits)
         acc_out[:] = 0.0
-        j = 0
-        for s in range(first, last + 1):
-            ns = seg_len[s]
-            if itemsize == 4:
-                values = carray(_f32_at(seg_v[s] + 4 * h * seg_stride[s]), (ns, d))
-                _add_weighted_rows(values, scores, j, acc_out)
-            else:
-                values16 = carray(_u16_at(seg_v[s] + 2 * h * seg_stride[s]), (ns, d))
-                _add_weighted_rows(values16, scores, j, acc_out)
-            j += ns
+        _add_weighted_segments(seg_v, seg_stride, seg_len, first, last + 1, h, scores, acc_out,
+                               itemsize)  # fmt: skip
         for g in range(group):
             lse[b, h * group + g] = maxes[g] + np.log(den[g])
             for i in range(d):

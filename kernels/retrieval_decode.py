@@ -25,11 +25,11 @@ from kernels.bf16 import kernel_view, store_slice, widen
 from kernels.decode_attention import (
     KERNEL_DTYPES,
     MIN_ROWS_PER_THREAD,
-    _add_weighted_rows,
+    _add_weighted_segments,
     _f32_at,
     _prefer_512_bit_vectors,
     _prefetch,
-    _score_rows,
+    _score_segments,
     _softmax_rows,
     _split_points,
     _u16_at,
@@ -56,6 +56,25 @@ def _count_at_least(scores, n, t):
 
 
 @njit(inline="always", fastmath=True)
+def _bisect(scores, n, k, floor, ceiling, enough):
+    """Narrow [floor, ceiling), where count(scores[:n] >= floor) >= k, until at most
+    `enough` scores reach floor (or floats cannot narrow it further); returns both ends.
+    count(>= ceiling) < k holds throughout once it held at the start."""
+    for _ in range(MAX_BISECTIONS):
+        mid = np.float32(0.5) * (floor + ceiling)
+        if not floor < mid < ceiling:
+            break
+        c = _count_at_least(scores, n, mid)
+        if c < k:
+            ceiling = mid
+        else:
+            floor = mid
+            if c <= enough:
+                break
+    return floor, ceiling
+
+
+@njit(inline="always", fastmath=True)
 def _top_k(scores, n, top, k, vals, ids, candidates):
     """vals[:k], ids[:k] = the k largest of scores[:n] and their positions, unordered
     (k <= n, top = their maximum; `vals`: float32 scratch of n; `candidates`: int64
@@ -70,17 +89,7 @@ def _top_k(scores, n, top, k, vals, ids, candidates):
     while _count_at_least(scores, n, floor) < k:
         width *= 2
         floor = ceiling - width if width < LAST_WIDTH else np.float32(LOWEST)
-    for _ in range(MAX_BISECTIONS):  # count(>= floor) >= k holds throughout
-        mid = np.float32(0.5) * (floor + ceiling)
-        if not floor < mid < ceiling:
-            break
-        c = _count_at_least(scores, n, mid)
-        if c < k:
-            ceiling = mid
-        else:
-            floor = mid
-            if c <= SPARE * k:
-                break
+    floor, _ = _bisect(scores, n, k, floor, ceiling, SPARE * k)
     found = 0
     for i in range(n):  # branch-free: candidates[n] is a spare slot
         candidates[found] = i
@@ -89,18 +98,7 @@ def _top_k(scores, n, top, k, vals, ids, candidates):
         vals[c] = scores[candidates[c]]
     # The same bisection over the few candidates, down to exactly k (or to a run of
     # ties, any of which may be taken).
-    ceiling = top + np.float32(1.0) + abs(top)
-    for _ in range(MAX_BISECTIONS):  # count(>= floor) >= k > count(>= ceiling)
-        mid = np.float32(0.5) * (floor + ceiling)
-        if not floor < mid < ceiling:
-            break
-        c = _count_at_least(vals, found, mid)
-        if c < k:
-            ceiling = mid
-        else:
-            floor = mid
-            if c == k:
-                break
+    floor, ceiling = _bisect(vals, found, k, floor, top + np.float32(1.0) + abs(top), k)
     taken = 0
     for c in range(found):  # the sure ones first, then ties at the threshold up to k
         if vals[c] >= ceiling and taken < k:
@@ -175,29 +173,15 @@ def _retrieval_segments(
             for i in range(d):
                 qs[g, i] = widen(q[b, h * group + g, i])
         maxes[:] = -np.inf
-        j = 0
-        for s in range(seg_start[b], seg_start[b + 1]):
-            ns = seg_len[s]
-            if itemsize == 4:
-                keys = carray(_f32_at(seg_k[s] + 4 * h * seg_stride[s]), (ns, d))
-                _score_rows(keys, seg_v[s] + 4 * h * seg_stride[s], qs, scores, maxes, j)
-            else:
-                keys16 = carray(_u16_at(seg_k[s] + 2 * h * seg_stride[s]), (ns, d))
-                _score_rows(keys16, seg_v[s] + 2 * h * seg_stride[s], qs, scores, maxes, j)
-            j += ns
+        first, end = seg_start[b], seg_start[b + 1]
+        _score_segments(seg_k, seg_v, seg_stride, seg_len, first, end, h, qs, scores, maxes,
+                        itemsize)  # fmt: skip
         if kk:
             host_maxes[:] = -np.inf
-            j = 0
-            for s in range(host_start[b], host_start[b + 1]):
-                ns = host_len[s]
-                address = host_k[s] + itemsize * h * host_stride[s]
-                if itemsize == 4:
-                    keys = carray(_f32_at(address), (ns, d))
-                    _score_rows(keys, address, qs, host_scores, host_maxes, j)
-                else:
-                    keys16 = carray(_u16_at(address), (ns, d))
-                    _score_rows(keys16, address, qs, host_scores, host_maxes, j)
-                j += ns
+            # the key rows themselves are prefetched: few of their values will be read
+            h0, h1 = host_start[b], host_start[b + 1]
+            _score_segments(host_k, host_k, host_stride, host_len, h0, h1, h, qs, host_scores,
+                            host_maxes, itemsize)  # fmt: skip
             for g in range(group):
                 _top_k(host_scores[g], n_host, host_maxes[g], kk, chosen_vals, chosen_ids[g],
                        candidates)  # fmt: skip
@@ -219,16 +203,8 @@ def _retrieval_segments(
                 maxes[g] = m
         _softmax_rows(scores, n_dev + kk, maxes, den, exp_bits)
         acc_out[:] = 0.0
-        j = 0
-        for s in range(seg_start[b], seg_start[b + 1]):
-            ns = seg_len[s]
-            if itemsize == 4:
-                values = carray(_f32_at(seg_v[s] + 4 * h * seg_stride[s]), (ns, d))
-                _add_weighted_rows(values, scores, j, acc_out)
-            else:
-                values16 = carray(_u16_at(seg_v[s] + 2 * h * seg_stride[s]), (ns, d))
-                _add_weighted_rows(values16, scores, j, acc_out)
-            j += ns
+        _add_weighted_segments(seg_v, seg_stride, seg_len, first, end, h, scores, acc_out,
+                               itemsize)  # fmt: skip
         for g in range(group):
             for t in range(kk):  # chosen_ids now holds the value rows' addresses
                 _add_chosen_rows(chosen_ids[g, t], row_bytes, scores[g, n_dev + t], acc_out[g],

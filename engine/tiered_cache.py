@@ -94,10 +94,13 @@ RetrieverFactory = Callable[[Any], HostRetriever]  # TieredCache or HostSegment 
 
 
 class ExactRetriever(HostRetriever):
-    """Exact top-k by inner product: every host key scored, then topk. On the CPU the
-    scores come from the decode kernel's score pass (kernels.decode_attention.score_keys):
-    4.9x faster than torch's bmm on 4K bf16 host keys over 30 layers (4.8 vs 23.2 ms, ad
-    hoc), whose transposed, strided operand it could not read in place."""
+    """Exact top-k by inner product: every host key scored, then topk. The tiered
+    backend's CPU decode does not call `search`: with this retriever it finds the top-k
+    inside its fused kernel (kernels.retrieval_decode) and only counts the scan here.
+    `search` serves every other caller; on the CPU its scores come from the decode
+    kernel's score pass (kernels.decode_attention.score_keys): 4.9x faster than torch's
+    bmm on 4K bf16 host keys over 30 layers (4.8 vs 23.2 ms, ad hoc), whose transposed,
+    strided operand it could not read in place."""
 
     def __init__(self, cache: TieredCache) -> None:
         super().__init__()

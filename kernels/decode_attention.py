@@ -320,6 +320,18 @@ def _add_weighted_segments(seg_v, seg_stride, seg_len, first, end, h, scores, ac
         j += ns
 
 
+@njit(inline="always", fastmath=True)
+def _write_heads(out, lse, b, h, maxes, den, acc_out, out_row):
+    """out and lse of sequence b's query heads of KV head h, from the softmax's row
+    maxima and sums and the weighted value sums (out_row: float32 scratch of D)."""
+    group = acc_out.shape[0]
+    for g in range(group):
+        lse[b, h * group + g] = maxes[g] + np.log(den[g])
+        for i in range(acc_out.shape[1]):
+            out_row[i] = acc_out[g, i] / den[g]
+        store_slice(out[b, h * group + g], 0, out_row)
+
+
 @njit(**_JIT)
 def _decode_segments(
     q, k_new, v_new, seg_start, seg_k, seg_v, seg_stride, seg_len, out, lse, scale, lo, hi,
@@ -364,11 +376,7 @@ def _decode_segments(
         acc_out[:] = 0.0
         _add_weighted_segments(seg_v, seg_stride, seg_len, first, last + 1, h, scores, acc_out,
                                itemsize)  # fmt: skip
-        for g in range(group):
-            lse[b, h * group + g] = maxes[g] + np.log(den[g])
-            for i in range(d):
-                out_row[i] = acc_out[g, i] / den[g]
-            store_slice(out[b, h * group + g], 0, out_row)
+        _write_heads(out, lse, b, h, maxes, den, acc_out, out_row)
 
 
 def _split_points(lengths: np.ndarray, parts: int) -> list[int]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numba import carray, njit
 
-from kernels.bf16 import kernel_view, store_slice, widen
+from kernels.bf16 import kernel_view, widen
 from kernels.decode_attention import (
     KERNEL_DTYPES,
     MIN_ROWS_PER_THREAD,
@@ -35,6 +35,7 @@ from kernels.decode_attention import (
     _softmax_rows,
     _split_points,
     _u16_at,
+    _write_heads,
 )
 from kernels.thread_split import run_ranges, split_parts
 
@@ -211,11 +212,7 @@ def _retrieval_segments(
             for t in range(kk):  # chosen_ids now holds the value rows' addresses
                 _add_chosen_rows(chosen_ids[g, t], row_bytes, scores[g, n_dev + t], acc_out[g],
                                  itemsize)  # fmt: skip
-        for g in range(group):
-            lse[b, h * group + g] = maxes[g] + np.log(den[g])
-            for i in range(d):
-                out_row[i] = acc_out[g, i] / den[g]
-            store_slice(out[b, h * group + g], 0, out_row)
+        _write_heads(out, lse, b, h, maxes, den, acc_out, out_row)
 
 
 def _rows_per_sequence(start: np.ndarray, length: np.ndarray) -> np.ndarray:

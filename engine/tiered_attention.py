@@ -84,8 +84,9 @@ class TieredAttentionBackend(AttentionBackend):
         self._snapshots: dict[int, TieredSnapshot] = {}
         self._retired = dict.fromkeys(_COUNTERS, 0)
         self._kernel_ok = shape.device.type == "cpu" and shape.dtype in KERNEL_DTYPES
-        # An exact retriever's top-k is found by the decode kernel itself.
-        self._exact_host = retriever_factory in (None, ExactRetriever)
+        # With an exact retriever, the CPU decode kernel finds the top-k itself.
+        exact = retriever_factory in (None, ExactRetriever)
+        self._fused_retrieval = self._kernel_ok and retrieval and exact
 
     # -- cache lifecycle ------------------------------------------------------------------
 
@@ -236,8 +237,7 @@ class TieredAttentionBackend(AttentionBackend):
         rows = torch.tensor([s.start for s in slices], device=q.device)
         qd, kd, vd = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
         lens = [s.cache.device_len(s.num_cached) for s in slices]
-        fused = self._kernel_ok and self.config.keep_host and self._exact_host
-        if fused and any(s.cache.total_host_len(layer) for s in slices):
+        if self._fused_retrieval and any(s.cache.total_host_len(layer) for s in slices):
             o, lse = self._retrieval_attention(layer, slices, lens, qd, kd, vd, scale)
             self._append_and_write(layer, slices, kd, vd, o, rows, out)
             return

@@ -206,8 +206,8 @@ class LlamaForCausalLM(CausalLM):
 
     def pack_weights(self) -> int:
         """Pre-pack the matmul weights for CPU decode (see engine.models.linear), and the
-        quantisation blocks for torch's int4 and the AMX products where this dtype takes
-        them (0.2 s and 0.3 s for the default model in bf16, else paid by the first
+        quantisation blocks for the VNNI, torch's int4 and the AMX products where this dtype
+        takes them (0.2 s and 0.3 s for the default model in bf16, else paid by the first
         request).
 
         The embedding table stays dense for lookups; the LM head gets a packed copy.
@@ -218,6 +218,7 @@ class LlamaForCausalLM(CausalLM):
             for blocks in (layer.qkv_blocks, layer.o_blocks, layer.gate_up_blocks,
                            layer.down_blocks):  # fmt: skip
                 if blocks is not None:
+                    blocks.vnni(dtype)
                     blocks.torch_int4(dtype)
                     blocks.amx(dtype)
             count += pack_linear_weights(

@@ -30,6 +30,12 @@ from kernels.thread_split import run_ranges, split_parts
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # KV rows (summed over heads) per thread below which splitting costs more than it saves.
 MIN_ROWS_PER_THREAD = 512
+# (sequence, KV head) units per thread below which the split is too uneven to pay: one
+# sequence of the default model has 3, which two threads can only share 2:1. Measured with
+# the server's passive OpenMP workers, bf16, ms per step, split at 1 unit a thread vs never:
+# 1 sequence at 512 tokens 13.2 vs 10.8, at 8K 20.6 vs 18.7 (ad hoc, 2026-12-02); 8 at
+# 2K split 33.0 vs 37.2 unsplit.
+MIN_UNITS_PER_THREAD = 2
 # How far ahead of the key row being scored its successors are prefetched (8 and 32 rows
 # measured within 3% of 16).
 PREFETCH_ROWS = 16
@@ -387,6 +393,12 @@ def _split_points(lengths: np.ndarray, parts: int) -> list[int]:
     return [0] + [min(c + 1, len(lengths)) for c in cuts] + [len(lengths)]
 
 
+def thread_parts(units: int, rows: int, min_units: int = MIN_UNITS_PER_THREAD) -> int:
+    """How many threads to give `units` (sequence, KV head) units reading `rows` KV rows,
+    each thread taking at least `min_units`."""
+    return min(units // min_units, split_parts(rows, MIN_ROWS_PER_THREAD))
+
+
 def split_units(seg_start: np.ndarray, seg_len: np.ndarray, num_kv_heads: int) -> list[int]:
     """How `decode_attention` divides a batch's (sequence, KV head) units among threads at
     the current torch thread count: boundaries [0, ..., units] of about equal KV rows (one
@@ -394,7 +406,7 @@ def split_units(seg_start: np.ndarray, seg_len: np.ndarray, num_kv_heads: int) -
     can work it out once and pass it as `cuts`."""
     units = (len(seg_start) - 1) * num_kv_heads
     rows = np.repeat(np.add.reduceat(seg_len, seg_start[:-1]), num_kv_heads)
-    parts = min(units, split_parts(int(rows.sum()), MIN_ROWS_PER_THREAD))
+    parts = thread_parts(units, int(rows.sum()))
     return [0, units] if parts <= 1 else _split_points(rows, parts)
 
 

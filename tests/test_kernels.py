@@ -329,3 +329,19 @@ def test_score_keys_reads_each_heads_rows_in_place(dtype, hq, hkv):
     assert score_keys(q, buffer[:, :0]).shape == (hq, 0)
     with pytest.raises(ValueError, match="contiguous rows"):
         score_keys(q, buffer.transpose(1, 2))
+
+
+def test_decode_split_needs_two_units_a_thread(monkeypatch):
+    """One sequence's 3 KV heads stay on one thread (two threads could only share them
+    2:1, slower than one, measured); two sequences' 6 split in two; few rows stay whole."""
+    import numpy as np
+
+    import kernels.thread_split as split
+    from kernels.decode_attention import split_units
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(split, "SPLIT_WORK", True)
+    one = split_units(np.array([0, 1]), np.array([8192]), 3)
+    two = split_units(np.array([0, 1, 2]), np.array([8192, 8192]), 3)
+    short = split_units(np.array([0, 1, 2]), np.array([100, 100]), 3)
+    assert one == [0, 3] and two == [0, 3, 6] and short == [0, 6]

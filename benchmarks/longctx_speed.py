@@ -10,6 +10,10 @@ streaming fork the prefilled cache (independent copies); retrieval makes snapsho
 children of it, which share the built host-tier index (a fork would rebuild it per copy)
 while each child has its own device tier. transformers and llama.cpp run batch 1 only.
 
+Ours run in the server's thread settings (passive OpenMP workers, engine/__init__.py);
+transformers and llama.cpp run in a child process (`--peer-worker`) under libgomp's
+default (spin, then sleep), each side under its own default as in decode_speed.py.
+
 Prints a table (prefill tokens/s, decode ms/token, device- and host-tier bytes, index
 build seconds) and each system's decode ratio against every peer measured in the same
 run, and writes a PNG of decode latency vs context. Usage:
@@ -23,15 +27,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+# As the server does (engine/__init__.py), before torch loads OpenMP; not in the peer
+# worker, which runs under libgomp's default.
+USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+if "--peer-worker" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engine.model_files import default_gguf_path, default_model_dir
-from engine.model_loader import load_model
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from engine.model_files import default_gguf_path, default_model_dir  # noqa: E402
+from engine.model_loader import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_speed import hf_single  # noqa: E402
@@ -93,7 +105,64 @@ def llama_cpp_b1(prompt: list[int], steps: int, threads: int) -> tuple[float, fl
     return prefill, decode
 
 
+class PeerProcess:
+    """transformers and llama.cpp in a child process under libgomp's default wait policy,
+    timed on request."""
+
+    def __init__(self, dtype: str, threads: int) -> None:
+        env = dict(os.environ)
+        if USER_WAIT_POLICY is None:
+            env.pop("OMP_WAIT_POLICY", None)
+        self.wait_policy = env.get("OMP_WAIT_POLICY", "libgomp default")
+        cmd = [sys.executable, __file__, "--peer-worker", dtype, str(threads)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+
+    def single(self, system: str, context: int, steps: int) -> tuple[float, float]:
+        """(prefill seconds, decode seconds per token) of `system` on random_prompt(context)."""
+        self.proc.stdin.write(f"{system} {context} {steps}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the peer worker exited (see its stderr above)")
+        prefill, decode = json.loads(line)
+        return prefill, decode
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def peer_worker(dtype: str, threads: int) -> None:
+    """Answer `system context steps` lines on stdin with JSON timings on stdout."""
+    torch.set_num_threads(threads)
+    hf = None
+    with torch.inference_mode():
+        for line in sys.stdin:
+            system, context, steps = line.split()
+            context, steps = int(context), int(steps)
+            if system == "transformers":
+                if hf is None:
+                    from transformers import AutoModelForCausalLM
+
+                    hf = AutoModelForCausalLM.from_pretrained(
+                        default_model_dir(), dtype=getattr(torch, dtype)
+                    ).eval()
+                prompt = random_prompt(context, hf.config.vocab_size, context)
+                timings = hf_single(hf, prompt, steps)
+            else:
+                vocab = json.loads((default_model_dir() / "config.json").read_text())
+                prompt = random_prompt(context, vocab["vocab_size"], context)
+                timings = llama_cpp_b1(prompt, steps, threads)
+            print(json.dumps(timings), flush=True)
+
+
 def main() -> None:
+    if "--peer-worker" in sys.argv:
+        at = sys.argv.index("--peer-worker")
+        peer_worker(sys.argv[at + 1], int(sys.argv[at + 2]))
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -113,17 +182,11 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
-    model_dir = default_model_dir()
     # As the engine loads it: packed weights, and in float32 the GGUF's blocks for decode.
     model = load_model(None, dtype, block_weights=True).model
     model.pack_weights()
     vocab = model.config.vocab_size
     peers: dict[str, str] = {}
-    hf = None
-    if "transformers" not in args.skip:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if "llama.cpp" not in args.skip:
         try:
             import llama_cpp  # noqa: F401
@@ -145,17 +208,19 @@ def main() -> None:
                      device_bytes=stats.get("device_bytes", 0),
                      host_bytes=stats.get("host_bytes", 0), build_s=build)
             )  # fmt: skip
-        peer_contexts = [c for c in args.contexts if c <= args.peer_max_context]
-        for ctx in tqdm(peer_contexts, desc="peers, batch 1"):
-            prompt = random_prompt(ctx, vocab, ctx)
-            if hf is not None:
-                prefill, decode = hf_single(hf, prompt, args.steps)
-                rows.append(dict(system="transformers", context=ctx, batch=1,
-                                 prefill_tok_s=ctx / prefill, decode_ms=decode * 1e3))  # fmt: skip
-            if "llama.cpp" not in args.skip and "llama.cpp" not in peers:
-                prefill, decode = llama_cpp_b1(prompt, args.steps, torch.get_num_threads())
-                rows.append(dict(system="llama.cpp", context=ctx, batch=1,
-                                 prefill_tok_s=ctx / prefill, decode_ms=decode * 1e3))  # fmt: skip
+    peer_contexts = [c for c in args.contexts if c <= args.peer_max_context]
+    systems = [s for s in ("transformers", "llama.cpp") if s not in args.skip and s not in peers]
+    worker = PeerProcess(args.dtype, torch.get_num_threads()) if systems else None
+    for ctx in tqdm(peer_contexts if worker else [], desc="peers, batch 1"):
+        for system in systems:
+            prefill, decode = worker.single(system, ctx, args.steps)
+            rows.append(dict(system=system, context=ctx, batch=1,
+                             prefill_tok_s=ctx / prefill, decode_ms=decode * 1e3))  # fmt: skip
+    if worker:
+        worker.close()
+        peers["OpenMP wait policy"] = (
+            f"ours {os.environ.get('OMP_WAIT_POLICY')}, peers {worker.wait_policy}"
+        )
 
     report = render(rows, args, peers)
     print(report)

@@ -69,15 +69,19 @@ TORCH_INT4_MAX_ROWS = 8
 # `_rows_q4_16` (row by row) 6.9 at 1 row, 12.7 at 2, 18.9 at 4, 32.3 at 8; the dense
 # float32 weights 33.7-54.0 (an earlier run with AMX from 2 rows: 17.2 at 2, 18.9 at 4).
 AMX = amx_block_linear.AVAILABLE
-# Where the CPU has AVX512-VNNI, bf16 rows of 4-bit blocks up to VNNI_MAX_ROWS go through
-# kernels.vnni_block_linear instead of torch's int4 product (rows quantised to int8 per
-# block, as llama.cpp does). One thread, no OpenMP wake-ups: the default model's four
-# products over 30 layers (ad hoc, 2026-12-02, no AMX) took 3.4-4.7 ms at 1 row, 4.6-4.9
-# at 2, 5.8-8.6 at 4, 8.6-12.1 at 8; torch's int4 product on two OpenMP threads 9.7-11.9
-# at 1-4 rows and 13.3-16.6 at 8 with the server's passive workers, 3.2-4.5 at 1-4 rows
-# with spinning ones.
+# Where the CPU has AVX512-VNNI, bf16 rows of 4-bit and 8-bit blocks up to VNNI_MAX_ROWS
+# go through kernels.vnni_block_linear (rows quantised to int8 per block, as llama.cpp
+# does) instead of torch's int4 product and our float kernels. One thread, no OpenMP
+# wake-ups: the default model's four products over 30 layers (ad hoc, 2026-12-02, no
+# AMX) took 3.4-4.7 ms at 1 row, 4.6-4.9 at 2, 5.8-8.6 at 4, 8.6-12.1 at 8; torch's int4
+# product on two OpenMP threads 9.7-11.9 at 1-4 rows and 13.3-16.6 at 8 with the
+# server's passive workers, 3.2-4.5 at 1-4 rows with spinning ones.
 VNNI = vnni_block_linear.AVAILABLE
 VNNI_MAX_ROWS = 8
+# The VNNI product runs about 4x the products a second of `_tiles_matmul`, so it splits
+# across threads only from 4x MIN_PRODUCTS_PER_THREAD: the LM head (49152 x 576) does,
+# no layer product of the default model (at most 3072 x 576) does.
+VNNI_MIN_PRODUCTS_PER_THREAD = 4 * MIN_PRODUCTS_PER_THREAD
 AMX_MIN_ROWS = 5
 AMX_MIN_ROWS_FLOAT32 = 5
 # 8-bit blocks (the default model's tied embedding as LM head, 49152 x 576), ad hoc, one
@@ -309,8 +313,8 @@ class BlockWeight:
         self.m_tiles = _to_tiles(m.astype(np.float32), self.width)
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self._amx: amx_block_linear.AmxWeight | None = None
-        self._vnni: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._vnni_scales_exact: bool | None = None
+        # made on first use; False where the scales cannot take the layout
+        self._vnni: tuple[np.ndarray, np.ndarray, np.ndarray] | bool | None = None
 
     @classmethod
     def from_tiles(
@@ -331,7 +335,6 @@ class BlockWeight:
         weight._int4 = None
         weight._amx = None
         weight._vnni = None
-        weight._vnni_scales_exact = None
         if d_tiles.shape != m_tiles.shape or d_tiles.shape[1] * BLOCK != weight.in_features:
             raise ValueError("inconsistent block tiles")
         return weight
@@ -394,23 +397,20 @@ class BlockWeight:
 
     def vnni(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """The layout for kernels.vnni_block_linear with `dtype` rows, made on first use (a
-        Llama model makes it at load); None where it does not apply (see VNNI)."""
-        if not self._vnni_applies(dtype):
+        Llama model makes it at load); None where it does not apply: other than bf16
+        rows, no VNNI, a row count not in whole tiles of 16, or scales that are not
+        float16 values (GGUF's are)."""
+        if not (VNNI and dtype == torch.bfloat16 and not self.out_features % 16):
             return None
         if self._vnni is None:
-            self._vnni = vnni_block_linear.vnni_layout(*self.blocks())
-        return self._vnni
+            try:
+                self._vnni = vnni_block_linear.vnni_layout(*self.blocks())
+            except ValueError:
+                self._vnni = False
+        return self._vnni or None
 
     def _vnni_applies(self, dtype: torch.dtype) -> bool:
-        """bf16 rows of 4-bit blocks in whole tiles of 16 outputs whose scales are float16
-        values (GGUF's are), where the CPU has VNNI."""
-        if not (VNNI and dtype == torch.bfloat16 and self.packed and not self.out_features % 16):
-            return False
-        if self._vnni_scales_exact is None:  # checked once: it unpacks the blocks
-            _, d, m = self.blocks()
-            exact = vnni_block_linear.float16_exact(d) and vnni_block_linear.float16_exact(m)
-            self._vnni_scales_exact = exact
-        return self._vnni_scales_exact
+        return self.vnni(dtype) is not None
 
     def amx(self, dtype: torch.dtype) -> amx_block_linear.AmxWeight | None:
         """The layout for AMX products with `dtype` rows, made on first use (a Llama model
@@ -433,8 +433,9 @@ class BlockWeight:
         if self.packed:
             if dtype == torch.float32:
                 return AMX_MIN_ROWS_FLOAT32, AMX_MAX_ROWS
-            # below AMX_MIN_ROWS torch's int4 product is faster, where it applies
-            return (AMX_MIN_ROWS if self._int4_applies(dtype) else 1), AMX_MAX_ROWS
+            # below AMX_MIN_ROWS the VNNI or torch's int4 product is faster, where one applies
+            few = self._vnni_applies(dtype) or self._int4_applies(dtype)
+            return (AMX_MIN_ROWS if few else 1), AMX_MAX_ROWS
         if self.q_tiles.dtype == np.int8 and dtype == torch.float32:
             return AMX_MIN_ROWS_8BIT, AMX_MAX_ROWS
         return None
@@ -463,7 +464,11 @@ class BlockWeight:
         vnni = self.vnni(x.dtype)
         if vnni is not None and x.shape[0] <= VNNI_MAX_ROWS:
             y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-            vnni_block_linear.rows_q4_vnni(*vnni, kernel_view(x.contiguous()), y.numpy())
+            per_tile = x.shape[0] * 16 * self.in_features
+            parts = split_parts(
+                self.out_features // 16, -(-VNNI_MIN_PRODUCTS_PER_THREAD // per_tile)
+            )
+            vnni_block_linear.rows_vnni(*vnni, kernel_view(x.contiguous()), y.numpy(), parts)
             return y.to(x.dtype)
         int4 = self.torch_int4(x.dtype)
         if int4 is not None:

@@ -11,7 +11,7 @@ import torch
 
 import kernels.block_linear as block_linear
 from kernels.block_linear import BlockWeight
-from kernels.vnni_block_linear import AVAILABLE, rows_q4_vnni, vnni_layout
+from kernels.vnni_block_linear import AVAILABLE, rows_vnni, vnni_layout
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="this CPU has no AVX512-VNNI")
 
@@ -39,7 +39,7 @@ def _quantised(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def _product(layout, x: torch.Tensor) -> np.ndarray:
     y = np.empty((x.shape[0], layout[1].shape[0] * 16), np.float32)
     rows = x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
-    rows_q4_vnni(*layout, rows, y)
+    rows_vnni(*layout, rows, y)
     return y
 
 
@@ -61,6 +61,32 @@ def test_product_of_the_weights_and_the_quantised_rows(out, inp, dtype):
         exact = x.double().numpy() @ w.reshape(out, inp).T
         bound = np.abs(w).reshape(out, -1, 32).sum(-1) @ (scale.T.astype(np.float64) / 2)
         assert (np.abs(got - exact) <= bound.T + 1e-5 * np.abs(exact).max()).all(), rows
+
+
+def _q8_weight(out: int, inp: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Q8_0-like blocks: w = d * q, q int8, d a float16 value."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-128, 128, (out, inp)).astype(np.int8)
+    d = (rng.random((out, inp // 32)) * 1e-2).astype(np.float16).astype(np.float32)
+    return q, d, np.zeros_like(d)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_8bit_product_and_the_thread_split(parts, monkeypatch):
+    """8-bit blocks (stored as q + 128, the offset taken out through m): the weights
+    times the quantised rows, whatever the split of the tiles across threads."""
+    import kernels.thread_split as split
+
+    monkeypatch.setattr(split, "SPLIT_WORK", True)
+    q, d, m = _q8_weight(96, 64)
+    layout = vnni_layout(q, d, m)
+    w = (q.reshape(96, -1, 32).astype(np.float64) * d[..., None]).reshape(96, 64)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    xq, scale = _quantised(x)
+    want = np.einsum("obi,rbi->ro", w.reshape(96, -1, 32), xq * scale[..., None])
+    y = np.empty((3, 96), np.float32)
+    rows_vnni(*layout, x.view(torch.uint16).numpy(), y, parts)
+    assert np.abs(y - want).max() < 1e-5 * np.abs(want).max()
 
 
 def test_a_block_of_zeros_and_a_lone_large_value():
@@ -104,13 +130,15 @@ def test_block_weight_sends_few_bf16_rows_to_vnni(monkeypatch):
 
 
 def test_default_model_products_stay_within_two_bf16_ulps(default_model_dir):
-    """On the default model's GGUF blocks and a real hidden state's scale, one bf16 row's
-    VNNI product is within 2^-7 of the exact weights' product on average (torch's int4
-    product, which reads the rows unquantised: within 2^-8, tests/test_block_linear.py)."""
+    """On the default model's GGUF blocks (4-bit layers, the 8-bit LM head), one bf16
+    row's VNNI product is within 2^-7 of the exact weights' product on average (torch's
+    int4 product, which reads the rows unquantised: within 2^-8,
+    tests/test_block_linear.py)."""
     from engine.model_loader import load_model
 
     net = load_model(None, torch.bfloat16, block_weights=True).model
-    for blocks in (net.layers[0].qkv_blocks, net.layers[0].down_blocks):
+    layer = net.layers[0]
+    for blocks in (layer.qkv_blocks, layer.down_blocks, net.lm_head_blocks):
         assert blocks.vnni(torch.bfloat16) is not None
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(1, blocks.in_features, generator=gen).bfloat16()

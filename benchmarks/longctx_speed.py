@@ -10,7 +10,9 @@ streaming fork the prefilled cache (independent copies); retrieval makes snapsho
 children of it, which share the built host-tier index (a fork would rebuild it per copy)
 while each child has its own device tier. transformers and llama.cpp run batch 1 only.
 
-Ours run in the server's thread settings (passive OpenMP workers, engine/__init__.py);
+Ours run in the server's thread settings: passive OpenMP workers (engine/__init__.py),
+and a lone sequence's decode step on the engine's `--single-decode-threads` default (one
+thread for this model);
 transformers and llama.cpp run in a child process (`--peer-worker`) under libgomp's
 default (spin, then sleep), each side under its own default as in decode_speed.py.
 
@@ -44,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 
 from engine.model_files import default_gguf_path, default_model_dir  # noqa: E402
 from engine.model_loader import load_model  # noqa: E402
+from engine.model_runner import auto_single_decode_threads, torch_threads  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_speed import hf_single  # noqa: E402
@@ -78,7 +81,11 @@ def ours(model, mode: str, index: str, prompt: list[int], batch: int, steps: int
         caches += [backend.child(snapshot) for _ in range(batch - 1)]
     elif batch > 1:
         caches += [backend.fork(cache) for _ in range(batch - 1)]
-    step = time_decode(model, backend, caches, steps)
+    # a lone sequence's decode step on the threads the engine gives it (one for this
+    # model, `--single-decode-threads`); a batch on all of them
+    lone = auto_single_decode_threads(model.config, model.norm.dtype, torch.device("cpu"))
+    with torch_threads(lone if len(caches) == 1 else 0):
+        step = time_decode(model, backend, caches, steps)
     for c in caches:
         backend.free(c)
     return prefill, step, stats, build
@@ -221,6 +228,11 @@ def main() -> None:
         peers["OpenMP wait policy"] = (
             f"ours {os.environ.get('OMP_WAIT_POLICY')}, peers {worker.wait_policy}"
         )
+    lone = auto_single_decode_threads(model.config, dtype, torch.device("cpu")) or "all"
+    peers["threads"] = (
+        f"ours: prefill and batches on {torch.get_num_threads()}, a lone sequence's decode "
+        f"on {lone}; peers on {torch.get_num_threads()}"
+    )
 
     report = render(rows, args, peers)
     print(report)

@@ -234,8 +234,12 @@ class TieredAttentionBackend(AttentionBackend):
         out: torch.Tensor,
     ) -> None:
         """One new token for each of `slices`, batched across sequences."""
-        rows = torch.tensor([s.start for s in slices], device=q.device)
-        qd, kd, vd = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
+        if len(slices) == q.shape[0] and all(s.start == i for i, s in enumerate(slices)):
+            rows = None  # the whole batch, in order: no gather or scatter
+            qd, kd, vd = q, k.contiguous(), v.contiguous()
+        else:
+            rows = torch.tensor([s.start for s in slices], device=q.device)
+            qd, kd, vd = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
         lens = [s.cache.device_len(s.num_cached) for s in slices]
         if self._fused_retrieval and any(s.cache.total_host_len(layer) for s in slices):
             o, lse = self._retrieval_attention(layer, slices, lens, qd, kd, vd, scale)
@@ -263,13 +267,17 @@ class TieredAttentionBackend(AttentionBackend):
         kd: torch.Tensor,
         vd: torch.Tensor,
         o: torch.Tensor,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         out: torch.Tensor,
     ) -> None:
-        """Store each sequence's new K/V row and write its attention output."""
+        """Store each sequence's new K/V row and write its attention output (to `rows` of
+        out, or all of it in order when None)."""
         for i, s in enumerate(slices):
             s.cache.append(layer, kd[i].unsqueeze(1), vd[i].unsqueeze(1), s.num_cached)
-        out.index_copy_(0, rows, o.to(out.dtype))
+        if rows is None:
+            out.copy_(o)
+        else:
+            out.index_copy_(0, rows, o.to(out.dtype))
 
     def _device_segments(
         self,

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,6 +36,9 @@ from tqdm import tqdm  # noqa: E402
 
 from engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from child_worker import ChildWorker  # noqa: E402
 
 
 def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
@@ -87,34 +89,19 @@ def hf_single(model, prompt: list[int], decode_tokens: int) -> tuple[float, floa
     return prefill, (total - prefill) / decode_tokens
 
 
-class HFProcess:
+class HFProcess(ChildWorker):
     """transformers' model in a child process, timed on request (`hf_single` there)."""
 
     def __init__(self, dtype: str, threads: int | None, same_env: bool) -> None:
-        env = dict(os.environ)
-        if not same_env and USER_WAIT_POLICY is None:
-            env.pop("OMP_WAIT_POLICY")  # the policy only we set: libgomp's default there
-        self.wait_policy = env.get("OMP_WAIT_POLICY", "libgomp default")
         cmd = [sys.executable, __file__, "--hf-worker", dtype]
         if threads:
             cmd += ["--threads", str(threads)]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
+        super().__init__(cmd, USER_WAIT_POLICY, same_env)
 
     def single(self, context: int, seed: int, decode_tokens: int) -> tuple[float, float]:
         """(prefill seconds, decode seconds per token) of random_prompt(context, seed)."""
-        self.proc.stdin.write(f"{context} {seed} {decode_tokens}\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the transformers worker exited (see its stderr above)")
-        prefill, decode = json.loads(line)
+        prefill, decode = self.ask(f"{context} {seed} {decode_tokens}")
         return prefill, decode
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
 
 
 def hf_worker(dtype: str) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from engine.model_loader import load_model  # noqa: E402
 from engine.model_runner import auto_single_decode_threads, torch_threads  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from child_worker import ChildWorker  # noqa: E402
 from decode_speed import hf_single  # noqa: E402
 from tiered_decode import forward, make_backend, time_decode  # noqa: E402
 
@@ -112,33 +112,18 @@ def llama_cpp_b1(prompt: list[int], steps: int, threads: int) -> tuple[float, fl
     return prefill, decode
 
 
-class PeerProcess:
+class PeerProcess(ChildWorker):
     """transformers and llama.cpp in a child process under libgomp's default wait policy,
     timed on request."""
 
     def __init__(self, dtype: str, threads: int) -> None:
-        env = dict(os.environ)
-        if USER_WAIT_POLICY is None:
-            env.pop("OMP_WAIT_POLICY", None)
-        self.wait_policy = env.get("OMP_WAIT_POLICY", "libgomp default")
         cmd = [sys.executable, __file__, "--peer-worker", dtype, str(threads)]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
+        super().__init__(cmd, USER_WAIT_POLICY)
 
     def single(self, system: str, context: int, steps: int) -> tuple[float, float]:
         """(prefill seconds, decode seconds per token) of `system` on random_prompt(context)."""
-        self.proc.stdin.write(f"{system} {context} {steps}\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the peer worker exited (see its stderr above)")
-        prefill, decode = json.loads(line)
+        prefill, decode = self.ask(f"{system} {context} {steps}")
         return prefill, decode
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
 
 
 def peer_worker(dtype: str, threads: int) -> None:

@@ -14,6 +14,9 @@ the engine's (above 1: the engine's path is faster). The row limits in
 
 from __future__ import annotations
 
+import engine as _server_threads  # noqa: F401  (the server's thread settings, before torch)
+
+# isort: split
 import argparse
 import logging
 import statistics

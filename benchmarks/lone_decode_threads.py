@@ -10,6 +10,9 @@ thread is faster), with the range and both sides' ms a token.
 
 from __future__ import annotations
 
+import engine as _server_threads  # noqa: F401  (the server's thread settings, before torch)
+
+# isort: split
 import argparse
 import logging
 import statistics

@@ -9,6 +9,9 @@ and batch 8. All numbers come from one run on this machine. Usage:
 
 from __future__ import annotations
 
+import engine  # noqa: F401  (the server's thread settings, before torch loads)
+
+# isort: split
 import argparse
 import statistics
 import time

@@ -45,7 +45,7 @@ from kernels import (
 )
 from kernels.decode_attention import KERNEL_DTYPES, decode_attention
 from kernels.retrieval_decode import retrieval_decode_attention
-from kernels.thread_split import run_ranges, split_parts
+from kernels.thread_split import run_split, split_parts
 
 MODES = ("retrieval", "streaming")
 _COUNTERS = ("queries", "scanned", "candidates")
@@ -414,7 +414,7 @@ class TieredAttentionBackend(AttentionBackend):
 
         # Index searches release the GIL (compiled kernels): sequences run on both cores.
         parts = split_parts(len(slices), MIN_SEQS_PER_SEARCH_THREAD)
-        run_ranges(retrieve, [len(slices) * i // parts for i in range(parts + 1)])
+        run_split(retrieve, len(slices), parts)
         if len(gathered) == 1:
             k_rows, v_rows, valid = (t.unsqueeze(0) for t in gathered[0])
             return attention_over_rows(qc, k_rows, v_rows, scale, valid)

@@ -44,7 +44,7 @@ from numba.extending import intrinsic, models, register_model
 
 from kernels.bf16 import bf16_bits, kernel_view, widen
 from kernels.simd import F32, I64, V16, declare, fma, pointer_at, splat, vec_t, vload
-from kernels.thread_split import run_ranges, split_parts
+from kernels.thread_split import run_split, split_parts
 
 BLOCK = 32
 TILE_ROWS = 16  # rows of x per tile pass, and output columns per tile
@@ -375,8 +375,5 @@ class AmxWeight:
         for r in range(0, padded, TILE_ROWS):
             args = (self.q, self.d, self.shift, bits[0, r : r + TILE_ROWS], planes)
             args += (sums[r : r + TILE_ROWS], yv[r : r + TILE_ROWS])
-            if parts <= 1:
-                _amx_matmul(*args, 0, groups)
-            else:
-                run_ranges(_amx_matmul, [groups * i // parts for i in range(parts + 1)], *args)
+            run_split(_amx_matmul, groups, parts, *args)
         return y[:rows]

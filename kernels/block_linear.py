@@ -30,7 +30,7 @@ from numba import njit
 from kernels import amx_block_linear, vnni_block_linear
 from kernels.bf16 import kernel_view, store_slice, widen
 from kernels.simd import LANES, nibbles, vadd, vfma, vfma_scalar, vload, vstore, vzero
-from kernels.thread_split import run_ranges, split_parts
+from kernels.thread_split import run_split, split_parts
 
 BLOCK = 32
 TILE_WIDTHS = (256, 192, 128)
@@ -392,7 +392,7 @@ class BlockWeight:
             and dtype in TORCH_INT4_DTYPES
             and self.packed
             and not self.out_features % 16
-            and not self._vnni_applies(dtype)
+            and self.vnni(dtype) is None
         )
 
     def vnni(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -408,9 +408,6 @@ class BlockWeight:
             except ValueError:
                 self._vnni = False
         return self._vnni or None
-
-    def _vnni_applies(self, dtype: torch.dtype) -> bool:
-        return self.vnni(dtype) is not None
 
     def amx(self, dtype: torch.dtype) -> amx_block_linear.AmxWeight | None:
         """The layout for AMX products with `dtype` rows, made on first use (a Llama model
@@ -434,7 +431,7 @@ class BlockWeight:
             if dtype == torch.float32:
                 return AMX_MIN_ROWS_FLOAT32, AMX_MAX_ROWS
             # below AMX_MIN_ROWS the VNNI or torch's int4 product is faster, where one applies
-            few = self._vnni_applies(dtype) or self._int4_applies(dtype)
+            few = self.vnni(dtype) is not None or self._int4_applies(dtype)
             return (AMX_MIN_ROWS if few else 1), AMX_MAX_ROWS
         if self.q_tiles.dtype == np.int8 and dtype == torch.float32:
             return AMX_MIN_ROWS_8BIT, AMX_MAX_ROWS
@@ -488,11 +485,7 @@ class BlockWeight:
             after = (self.packed,)
         per_tile = x.shape[0] * self.width * self.in_features
         parts = split_parts(tiles, -(-MIN_PRODUCTS_PER_THREAD // per_tile))
-        if parts <= 1:
-            kernel(*args, 0, tiles, *after)
-        else:
-            cuts = [tiles * i // parts for i in range(parts + 1)]
-            run_ranges(kernel, cuts, *args, after=after)
+        run_split(kernel, tiles, parts, *args, after=after)
         if vector_tiles:
             return y.to(x.dtype)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features].contiguous()

@@ -38,3 +38,14 @@ def run_ranges(kernel: Callable[..., None], cuts: Sequence[int], *args, after: t
     kernel(*args, *ranges[0], *after)
     for future in futures:
         future.result()
+
+
+def run_split(
+    kernel: Callable[..., None], units: int, parts: int, *args, after: tuple = ()
+) -> None:
+    """kernel(*args, lo, hi, *after) over [0, units) cut into `parts` about equal ranges
+    (see run_ranges); one plain call when parts <= 1."""
+    if parts <= 1:
+        kernel(*args, 0, units, *after)
+    else:
+        run_ranges(kernel, [units * i // parts for i in range(parts + 1)], *args, after=after)

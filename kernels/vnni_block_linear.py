@@ -39,7 +39,7 @@ from numba.extending import intrinsic
 
 from kernels.bf16 import widen
 from kernels.simd import V16, declare, pointer_at, vec_t, vfma, vfma_scalar, vstore, vzero
-from kernels.thread_split import run_ranges
+from kernels.thread_split import run_split
 
 TILE_ROWS = 16
 BLOCK = 32
@@ -177,12 +177,7 @@ def rows_vnni(
 ) -> None:
     """y [rows, out] float32 = x @ W.T for x [rows, in] (bf16 bits as uint16, or float32)
     and W in `vnni_layout`, its tiles split over `parts` threads."""
-    tiles = q_tiles.shape[0]
-    if parts <= 1:
-        _rows_vnni(q_tiles, d_tiles, m_tiles, x, y, 0, tiles)
-    else:
-        cuts = [tiles * i // parts for i in range(parts + 1)]
-        run_ranges(_rows_vnni, cuts, q_tiles, d_tiles, m_tiles, x, y)
+    run_split(_rows_vnni, q_tiles.shape[0], parts, q_tiles, d_tiles, m_tiles, x, y)
 
 
 def float16_exact(a: np.ndarray) -> bool:
